@@ -1,0 +1,46 @@
+"Shared test set-up: offline, quiet, results kept apart from the checkout; per-phase timings in the summary."
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI machines have no hub access: fail fast, never hang
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MDXLIB_PROGRESS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-references", action="store_true",
+                     help="rewrite tests/reference/smoke.json from this run's smoke-scale notebook metrics")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _results_dir(tmp_path_factory):
+    "Every notebook and test writes its results into one temporary folder, never into the checkout."
+    d = tmp_path_factory.mktemp("results")
+    os.environ["MDXLIB_RESULTS"] = str(d)
+    return d
+
+
+_phase_times = defaultdict(float)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    t0 = time.perf_counter()
+    yield
+    _phase_times[Path(str(item.fspath)).stem] += time.perf_counter() - t0
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _phase_times:
+        return
+    terminalreporter.section("time per phase (test file)")
+    for name, sec in sorted(_phase_times.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{name:<28} {sec:8.1f} s")
+    terminalreporter.write_line(f"{'total':<28} {sum(_phase_times.values()):8.1f} s")

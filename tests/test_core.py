@@ -1,0 +1,99 @@
+"mdxlib.core from the outside."
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mdxlib.core import (SCALES, Results, by_scale, check_scale, data_dir, get_device, load_results, progress,
+                         results_dir, seed_everything, set_style, set_threads)
+
+
+def test_scales():
+    assert SCALES == ("smoke", "cpu", "full")
+    for s in SCALES:
+        assert check_scale(s) == s
+    assert by_scale("cpu", 1, 2, 3) == 2
+    for bad in ("tiny", None, 3, "CPU"):
+        with pytest.raises(ValueError, match="scale must be one of 'smoke', 'cpu', 'full'"):
+            check_scale(bad)
+
+
+def test_seed_everything_repeats_all_generators():
+    seed_everything(7)
+    a = (random.random(), np.random.rand(), torch.randn(3))
+    g = seed_everything(7)
+    b = (random.random(), np.random.rand(), torch.randn(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    assert torch.equal(torch.rand(2, generator=g), torch.rand(2, generator=torch.Generator().manual_seed(7)))
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="seed"):
+            seed_everything(bad)
+
+
+def test_device(monkeypatch):
+    assert get_device("cpu").type == "cpu"
+    monkeypatch.setenv("MDXLIB_DEVICE", "cpu")
+    assert get_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="device"):
+        get_device("not-a-device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            get_device("cuda")
+
+
+def test_threads(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1
+        monkeypatch.setenv("MDXLIB_THREADS", "1")
+        assert set_threads() == 1
+        with pytest.raises(ValueError, match="threads"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_results_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("MDXLIB_RESULTS", str(tmp_path))
+    assert results_dir() == tmp_path
+    r = Results("10_x", "smoke", 3)
+    r.log("bpc", np.float32(1.5), paper=1.37, setting="tiny model", unit="bits/char", rtol=0.1)
+    r.log("acc", torch.tensor(0.25))
+    data = json.loads((tmp_path / "10_x.json").read_text())
+    assert data["scale"] == "smoke" and data["seed"] == 3
+    assert data["metrics"]["bpc"] == dict(value=1.5, paper=1.37, setting="tiny model", unit="bits/char", rtol=0.1, atol=1e-6)
+    assert load_results()[0]["metrics"]["acc"]["value"] == 0.25
+
+
+def test_results_rejects_bad_input(tmp_path):
+    r = Results("10_x", "cpu", 0, path=tmp_path / "x.json")
+    with pytest.raises(ValueError, match="non-finite"):
+        r.log("loss", math.nan)
+    with pytest.raises(TypeError, match="loss"):
+        r.log("loss", "high")
+    with pytest.raises(ValueError, match="rtol"):
+        r.log("loss", 1.0, rtol=-1)
+    with pytest.raises(ValueError, match="scale"):
+        Results("10_x", "huge", 0)
+    with pytest.raises(ValueError, match="notebook"):
+        Results("", "cpu", 0)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_data_dir(monkeypatch, tmp_path):
+    assert (data_dir() / "README.md").exists()
+    monkeypatch.setenv("MDXLIB_DATA", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="MDXLIB_DATA"):
+        data_dir()
+
+
+def test_style_and_progress(monkeypatch):
+    import matplotlib.pyplot as plt
+    set_style(dpi=72)
+    assert plt.rcParams["figure.dpi"] == 72
+    monkeypatch.setenv("MDXLIB_PROGRESS", "0")
+    bar = progress(range(3))
+    assert bar.disable and list(bar) == [0, 1, 2]

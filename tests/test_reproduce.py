@@ -1,0 +1,80 @@
+"mdxlib.reproduce (the `mdxlib` command) from the outside."
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from mdxlib.core import Results
+from mdxlib.reproduce import (PAPERS, find_notebooks, main, notebook_markdown, papers_table, results_frame,
+                              results_markdown, run_notebook)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _nb(path, *sources):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('scale = "cpu"\nseed = 0', metadata={"tags": ["parameters"]}),
+                                         *[nbformat.v4.new_code_cell(s) for s in sources]])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_find_notebooks():
+    names = [p.stem for p in find_notebooks()]
+    assert names[0] == "00_core" and names[-1] == "index"
+    assert [p.stem for p in find_notebooks(only=["core", "index"])] == ["00_core", "index"]
+    with pytest.raises(ValueError, match="only: no notebook named 'zz'"):
+        find_notebooks(only=["zz"])
+
+
+def test_run_notebook_passes_parameters_and_reports_failures(tmp_path):
+    ok = _nb(tmp_path / "a.ipynb", "from mdxlib.core import Results\nResults('a', scale, seed).log('s', len(scale))")
+    run = run_notebook(ok, tmp_path / "out", scale="smoke", seed=3, results=tmp_path / "res")
+    assert run.ok, run.error
+    data = json.loads((tmp_path / "res" / "a.json").read_text())
+    assert data["scale"] == "smoke" and data["seed"] == 3 and data["metrics"]["s"]["value"] == 5
+    bad = _nb(tmp_path / "b.ipynb", "x = 1", "raise RuntimeError('boom')")
+    run = run_notebook(bad, tmp_path / "out", scale="smoke", results=tmp_path / "res")
+    assert not run.ok and "RuntimeError: boom" in run.error and "cell In [" in run.error
+    with pytest.raises(ValueError, match="scale"):
+        run_notebook(ok, tmp_path / "out", scale="large")
+
+
+def test_results_table(tmp_path):
+    Results("10_md4", "cpu", 0, path=tmp_path / "10_md4.json").log("md4_test_bpc", 2.0, paper=1.37, setting="tiny")
+    df = results_frame(tmp_path)
+    assert df.loc[0, "ours"] == 2.0 and df.loc[0, "paper"] == 1.37
+    md = results_markdown(df)
+    assert "md4_test_bpc" in md and "1.37" in md
+    table = papers_table(tmp_path)
+    assert len(PAPERS) == 10 and table.count("\n") == 12
+    assert "2 (cpu scale)" in table
+
+
+def test_cli_help_and_errors():
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--scale", "gigantic"])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="only"):
+        main(["reproduce", "--only", "nope", "--no-site"])
+
+
+def test_cli_reproduce_only_core(tmp_path, monkeypatch):
+    monkeypatch.setenv("MDXLIB_RESULTS", str(tmp_path / "results"))
+    exe = Path(sys.executable).parent / "mdxlib"
+    res = subprocess.run([str(exe), "reproduce", "--only", "core", "--scale", "smoke", "--out", str(tmp_path), "--no-site"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "cosine_integral" in res.stdout and (tmp_path / "smoke" / "00_core.ipynb").exists()
+    assert "cosine_integral" in (tmp_path / "results.md").read_text()
+
+
+def test_notebook_markdown_skips_code():
+    md = notebook_markdown(ROOT / "nbs" / "index.ipynb")
+    assert md.startswith("# mdxlib") and "import" not in md.split("## Using")[0]
