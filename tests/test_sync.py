@@ -1,5 +1,6 @@
 "The library is what the notebooks export, the notebooks are clean, and README.md is what the index notebook says."
 import filecmp
+import re
 import shutil
 import subprocess
 import sys
@@ -63,3 +64,25 @@ def test_ci_runs_the_readme_test_command():
     blocks = re.findall(r"```sh\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
     test_command = next(b for b in blocks if "pytest" in b)
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_demo_cells_do_not_mix_imports_and_code():
+    "nbdev runs every cell that imports while building the docs (without the parameters cell): keep imports in cells of their own."
+    import ast
+
+    import nbformat
+
+    bad = []
+    for nb_path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        for i, cell in enumerate(nbformat.read(str(nb_path), as_version=4).cells):
+            src = cell.source
+            if cell.cell_type != "code" or re.search(r"^#\|\s*(export|exporti|exports)\b", src, re.M):
+                continue
+            try:
+                tree = ast.parse(src)
+            except SyntaxError:
+                continue  # IPython magics
+            kinds = {isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body}
+            if True in kinds and False in kinds:
+                bad.append(f"{nb_path.name} cell {i}")
+    assert not bad, "cells mixing imports with other code (move the imports to an import-only cell): " + ", ".join(bad)
