@@ -1,6 +1,5 @@
 "Shared test set-up: offline, quiet, results kept apart from the checkout; per-phase timings in the summary."
 import os
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,17 +29,15 @@ def _results_dir(tmp_path_factory):
 _phase_times = defaultdict(float)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    t0 = time.perf_counter()
-    yield
-    _phase_times[Path(str(item.fspath)).stem] += time.perf_counter() - t0
+def pytest_runtest_logreport(report):
+    "Add up the time of each test file (runs in the controller, so it also works with pytest-xdist)."
+    _phase_times[Path(report.fspath).stem] += report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
     if not _phase_times:
         return
-    terminalreporter.section("time per phase (test file)")
+    terminalreporter.section("time per phase (test file, summed over workers)")
     for name, sec in sorted(_phase_times.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{name:<28} {sec:8.1f} s")
     terminalreporter.write_line(f"{'total':<28} {sum(_phase_times.values()):8.1f} s")

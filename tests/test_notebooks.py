@@ -2,7 +2,7 @@
 
 References live in tests/reference/smoke.json: per notebook and metric, the value and the tolerance the notebook
 declared when it logged it (`Results.log(..., rtol=, atol=)`). After a deliberate change of a result:
-`python -m pytest tests/test_notebooks.py --update-references`.
+`python -m pytest -n 0 tests/test_notebooks.py --update-references` (one worker).
 """
 import json
 import math

@@ -10,6 +10,7 @@ import pytest
 from mdxlib.reproduce import build_site, find_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.xdist_group("site")  # one worker builds the fixture once
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.xdist_group("sync")  # one worker builds the fixture once
 BIN = Path(sys.executable).parent
 
 
