@@ -21,7 +21,8 @@ from .core import SCALES, check_scale, load_results, progress, project_root, res
 
 # %% auto 0
 __all__ = ['PAPERS', 'nbs_dir', 'find_notebooks', 'needs_gpu', 'NotebookRun', 'run_notebook', 'run_notebooks', 'results_frame',
-           'results_markdown', 'papers_table', 'notebook_markdown', 'write_readme', 'build_site', 'reproduce', 'main']
+           'results_markdown', 'papers_table', 'notebook_markdown', 'write_readme', 'build_site', 'keep_outputs',
+           'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb
 def nbs_dir() -> Path:
@@ -307,6 +308,47 @@ def build_site(
     return out
 
 # %% ../nbs/09_reproduce.ipynb
+def keep_outputs(
+    executed: str | Path,  # Folder of executed notebooks (e.g. _reproduce/cpu)
+    names: list[str] | None = None,  # Notebook stems to keep; default all in `executed`
+    nbs: str | Path | None = None,  # Destination; default the checkout's nbs/
+) -> list[Path]:  # The notebooks written
+    "Copy executed notebooks into nbs/ without papermill's injected cell, cleaned."
+    import nbformat
+
+    nbs = Path(nbs) if nbs else nbs_dir()
+    written = []
+    for src in sorted(Path(executed).glob("*.ipynb")):
+        if names is not None and src.stem not in names:
+            continue
+        nb = nbformat.read(str(src), as_version=4)
+        if not any("parameters" in c.metadata.get("tags", []) and "scale" in c.source and '"cpu"' in c.source for c in nb.cells):
+            raise ValueError(f"executed: {src.name} has no parameters cell with scale = \"cpu\"; refusing to commit its outputs")
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        if any('"cpu"' not in c.source and "'cpu'" not in c.source for c in injected):
+            raise ValueError(f"executed: {src.name} ran at another scale than cpu; committed outputs must be cpu scale")
+        nb.cells = [c for c in nb.cells if c not in injected]
+        for c in nb.cells:
+            c.metadata.pop("papermill", None); c.metadata.pop("execution", None)
+        nb.metadata.pop("papermill", None)
+        dest = nbs / src.name
+        nbformat.write(nb, str(dest))
+        written.append(dest)
+    if written:
+        try:
+            from nbdev.clean import nbdev_clean
+        except ImportError as e:
+            raise ImportError("cleaning notebooks needs the dev extras: pip install -e '.[dev]'") from e
+        cwd = os.getcwd()
+        try:
+            os.chdir(nbs.parent)
+            for dest in written:
+                nbdev_clean(fname=str(dest))
+        finally:
+            os.chdir(cwd)
+    return written
+
+# %% ../nbs/09_reproduce.ipynb
 def reproduce(
     scale: str = "cpu",  # Scale of every notebook
     only: list[str] | None = None,  # Notebook names (see `find_notebooks`); default all
@@ -314,9 +356,12 @@ def reproduce(
     jobs: int = 1,  # Notebooks run at once
     seed: int | None = None,  # Override every notebook's seed
     site: bool = True,  # Build the site afterwards
+    inplace: bool = False,  # Copy the executed notebooks that ran cleanly back into nbs/ (cpu scale only)
 ) -> int:  # Exit code: 0 when every notebook ran
     "Run the notebooks, print and save the results table, build the site; report failures by notebook and cell."
     check_scale(scale)
+    if inplace and scale != "cpu":
+        raise ValueError(f"inplace: committed notebooks carry cpu-scale outputs; got scale={scale!r}")
     paths = find_notebooks(only=only)
     out = Path(out) if out else nbs_dir().parent / "_reproduce"
     executed = out / scale
@@ -330,6 +375,9 @@ def reproduce(
     (out / "results.html").write_text(df.to_html(index=False, na_rep=""))
     print("\n" + results_markdown(df))
     print(f"results table: {out / 'results.md'} and {out / 'results.html'}")
+    if inplace:
+        kept = keep_outputs(executed, names=[r.name for r in runs if r.ok and not r.skipped])
+        print(f"outputs kept in nbs/: {', '.join(p.name for p in kept)}")
     if site:
         print(f"site: {build_site(executed=executed)}/index.html")
     failed = [r for r in runs if not r.ok]
@@ -355,13 +403,14 @@ def main(
     r.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
     r.add_argument("--seed", type=int, help="override every notebook's seed")
     r.add_argument("--no-site", action="store_true", help="skip building the site")
+    r.add_argument("--inplace", action="store_true", help="copy the executed notebooks back into nbs/ (cpu scale; for committing outputs)")
     sub.add_parser("results", help="print the results table from results/*.json")
     d = sub.add_parser("docs", help="build the site offline into _docs/ (executed notebooks from --executed when given)")
     d.add_argument("--executed", type=Path, help="folder of executed notebooks, e.g. _reproduce/cpu")
     sub.add_parser("readme", help="write README.md from nbs/index.ipynb")
     a = p.parse_args(argv)
     if a.command == "reproduce":
-        return reproduce(a.scale, a.only, a.out, a.jobs, a.seed, site=not a.no_site)
+        return reproduce(a.scale, a.only, a.out, a.jobs, a.seed, site=not a.no_site, inplace=a.inplace)
     if a.command == "results":
         print(results_markdown(results_frame()))
     elif a.command == "docs":
