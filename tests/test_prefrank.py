@@ -1,0 +1,362 @@
+"mdxlib.prefrank from the outside: ranking accuracies, the idealized accuracy, the DPO loss and its theorems, log-likelihoods of completions, DPO training."
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdxlib.prefrank import (PAPER_BETAS, PreferencePairs, SequenceLogprobs, block_inputs, completion_logprobs,
+                             decoder_block_params, dpo_loss, encode_completions, flip_threshold, idealized_ranking_accuracy, idealized_ranking_summary, load_capitals,
+                             make_preference_pairs, optimal_log_ratio, ranked_correctly, ranking_accuracy,
+                             ranking_accuracy_listwise, sequence_logprobs, train_dpo)
+from mdxlib.train import TrainConfig
+
+
+def _rand(n, seed, scale=5.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g, dtype=torch.float64) * scale for _ in range(4)]
+
+
+# ---------------------------------------------------------------- ranking accuracy
+
+def test_ranking_accuracy_counts_ties_in_likelihood_as_correct():
+    assert ranking_accuracy([-1.0, -2.0, -3.0, -4.0], [-2.0, -1.0, -3.0, -5.0]) == 0.75
+    assert ranking_accuracy(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+
+
+def test_tied_votes_use_probability_difference_in_log_space():
+    # probabilities e^-50 and e^-60 differ by far less than 0.01 (and would underflow in float32 as plain numbers)
+    assert ranked_correctly([-50.0, -0.1, -0.1], [-60.0, -2.0, -0.1005], tie_votes=[True, True, True]).tolist() == [True, False, True]
+    # a tied pair ranked "wrong" can still count as correct, and tie_eps matters
+    assert ranked_correctly([-2.0], [-1.99], tie_votes=[True]).tolist() == [True]
+    assert ranked_correctly([-0.5], [-0.4], tie_votes=[True], tie_eps=0.2).tolist() == [True]
+    assert ranked_correctly([-0.5], [-0.4], tie_votes=[True], tie_eps=0.01).tolist() == [False]
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(logp_chosen=[0.0, 1.0], logp_rejected=[0.0]), "shapes"),
+    (dict(logp_chosen=[float("nan")], logp_rejected=[0.0]), "non-finite"),
+    (dict(logp_chosen=[[0.0]], logp_rejected=[[0.0]]), "1-d"),
+    (dict(logp_chosen=[], logp_rejected=[]), "empty"),
+    (dict(logp_chosen=[0.0], logp_rejected=[0.0], tie_votes=[True, False]), "shapes"),
+    (dict(logp_chosen=[0.0], logp_rejected=[0.0], tie_eps=0.0), "tie_eps"),
+])
+def test_ranking_accuracy_bad_input(kwargs, err):
+    with pytest.raises(ValueError, match=err):
+        ranking_accuracy(**kwargs)
+
+
+def test_ranking_accuracy_type_error_names_argument():
+    with pytest.raises(TypeError, match="logp_rejected"):
+        ranking_accuracy([0.0], "x")
+
+
+def test_listwise_is_exact_match_and_reduces_to_pairwise():
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -3.0, -2.0], [-2.0, -2.0, -5.0]])
+    assert ranking_accuracy_listwise(lp, [[0, 1, 2], [0, 1, 2], [1, 0, 2]]) == pytest.approx(2 / 3)
+    assert ranking_accuracy_listwise(lp, [[2, 1, 0]] * 3) == 0.0
+    c, r, *_ = _rand(100, 0)
+    assert ranking_accuracy_listwise(torch.stack([c, r], 1), [[0, 1]] * 100) == ranking_accuracy(c, r)
+
+
+@pytest.mark.parametrize("ranking, err", [([[0, 0, 1]], "permutation"), ([[0, 1]], "shape"), ([[0.0, 1.0, 2.0]], "permutation")])
+def test_listwise_bad_input(ranking, err):
+    with pytest.raises(ValueError, match=err):
+        ranking_accuracy_listwise([[0.0, 1.0, 2.0]], ranking)
+
+
+# ---------------------------------------------------------------- idealized ranking accuracy
+
+def test_optimal_log_ratio_known_value_and_clipping():
+    assert optimal_log_ratio([-3.0], [-1.0], [0.8], beta=0.5).item() == pytest.approx(-2 + 2 * math.log(4), rel=1e-12)
+    assert optimal_log_ratio([0.0], [0.0], [1.0], beta=1.0).item() == pytest.approx(math.log(999), rel=1e-9)
+    assert optimal_log_ratio([0.0], [0.0], [0.0], beta=1.0, eps=0.01).item() == pytest.approx(-math.log(99), rel=1e-9)
+
+
+def test_idealized_accuracy_works_in_log_space():
+    # sequence log-likelihoods of -1000 nats: probabilities underflow to 0, their log-ratio does not
+    assert idealized_ranking_accuracy([-1000.0], [-1001.0], [0.5], beta=1.0) == 1.0
+    assert idealized_ranking_accuracy([-1001.0], [-1000.0], [0.9], beta=1.0) == 1.0  # logit(0.9) = 2.2 > 1
+    assert idealized_ranking_accuracy([-1001.0], [-1000.0], [0.9], beta=10.0) == 0.0
+
+
+def test_idealized_accuracy_monotone_in_beta_for_majority_votes():
+    c, r, *_ = _rand(500, 1)
+    alpha = torch.rand(500, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.5 + 0.5
+    values = [idealized_ranking_accuracy(c, r, alpha, b) for b in sorted(PAPER_BETAS)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # alpha >= 1/2: smaller beta, votes count more
+
+
+def test_summary_min_median_max_and_gap():
+    s = idealized_ranking_summary([-3.0, -1.0], [-1.0, -2.0], [0.8, 0.6], observed=0.25)
+    assert (s["min"], s["median"], s["max"]) == (0.5, 0.5, 1.0)
+    assert s["gap"] == pytest.approx(0.25) and set(s["per_beta"]) == set(PAPER_BETAS)
+    assert "gap" not in idealized_ranking_summary([0.0], [0.0], [0.7])
+    with pytest.raises(ValueError, match="betas"):
+        idealized_ranking_summary([0.0], [0.0], [0.7], betas=[])
+    with pytest.raises(ValueError, match="observed"):
+        idealized_ranking_summary([0.0], [0.0], [0.7], observed=1.5)
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(alpha=[1.2, 0.5]), "alpha"), (dict(alpha=[-0.1, 0.5]), "alpha"), (dict(beta=0.0), "beta"),
+    (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"), (dict(alpha=[0.5]), "shapes"), (dict(eps=0.5), "eps"),
+])
+def test_idealized_bad_input(kwargs, err):
+    args = dict(ref_logp_chosen=[0.0, 1.0], ref_logp_rejected=[1.0, 0.0], alpha=[0.8, 0.9], beta=1.0)
+    with pytest.raises(ValueError, match=err):
+        idealized_ranking_accuracy(**{**args, **kwargs})
+
+
+# ---------------------------------------------------------------- DPO loss and the theorems (property tests)
+
+def test_dpo_loss_gamma_one_is_dpo():
+    pc, pr, rc, rr = _rand(50, 2)
+    expected = -F.logsigmoid(0.3 * ((pc - rc) - (pr - rr)))
+    assert torch.allclose(dpo_loss(pc, pr, rc, rr, 0.3), expected)
+    assert torch.allclose(dpo_loss(pc, pr, rc, rr, 0.3, gamma=0.0), -F.logsigmoid(0.3 * (pc - pr)))
+    assert torch.allclose(dpo_loss(pc, pr, rc, rr, 0.3, gamma=2.0), -F.logsigmoid(0.3 * ((pc - pr) + 2 * (rr - rc))))
+
+
+def test_dpo_loss_gradient_reaches_policy_only():
+    pc, pr = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    rc, rr = torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    dpo_loss(pc, pr, rc, rr, beta=0.1).sum().backward()
+    g = -0.1 * (1 - torch.sigmoid(torch.tensor(0.1)))
+    assert torch.allclose(pc.grad, g.expand(3)) and torch.allclose(pr.grad, -g.expand(3))
+    assert rc.grad is None and rr.grad is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("beta, gamma", [(0.01, 1.0), (0.1, 1.0), (1.0, 1.0), (10.0, 1.0), (0.5, 0.25), (2.0, 2.0)])
+def test_thm_4_1_and_prop_2_6_on_random_inputs(seed, beta, gamma):
+    pc, pr, rc, rr = _rand(20_000, seed)
+    pr[:100] = pc[:100]  # policy ties: ranked correctly, the loss exactly at the threshold
+    loss, thr = dpo_loss(pc, pr, rc, rr, beta, gamma), flip_threshold(rc, rr, beta, gamma)
+    correct = ranked_correctly(pc, pr)
+    clear = (beta * (pc - pr)).abs() > 1e-9
+    assert torch.equal((loss <= thr)[clear], correct[clear])  # Thm 4.1: R = 1 iff L <= -log sigma(beta gamma c)
+    assert (loss <= thr)[:100].all() and correct[:100].all()
+    if gamma == 1.0:
+        prop = (rc >= rr) & (loss <= 0.6)
+        assert prop.any() and correct[prop].all()  # Prop 2.6
+        assert (thr[rc >= rr] >= math.log(2) - 1e-12).all() and (thr[rc < rr] < math.log(2)).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_thm_3_1_optimum_is_stationary_point_of_rater_level_dpo(seed):
+    "At the log-ratio of Thm 3.1 the expected DPO loss over the raters' votes has zero gradient."
+    _, _, rc, rr = _rand(200, seed)
+    alpha = torch.rand(200, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.98 + 0.01
+    beta = 0.3
+    d = optimal_log_ratio(rc, rr, alpha, beta).clone().requires_grad_(True)  # policy log pi(y_w) - log pi(y_l)
+    zero = torch.zeros_like(d)
+    loss = alpha * dpo_loss(d, zero, rc, rr, beta) + (1 - alpha) * dpo_loss(zero, d, rr, rc, beta)
+    (grad,) = torch.autograd.grad(loss.sum(), d)
+    assert grad.abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("kwargs, exc, err", [
+    (dict(beta=0.0), ValueError, "beta"), (dict(beta=-1), ValueError, "beta"), (dict(gamma=-0.5), ValueError, "gamma"),
+    (dict(pol_r=torch.zeros(3)), ValueError, "shapes"), (dict(pol_c=[0.0, 0.0]), TypeError, "pol_c"),
+    (dict(ref_c=torch.zeros(2, 1)), ValueError, "ref_c"),
+])
+def test_dpo_loss_bad_input(kwargs, exc, err):
+    args = dict(pol_c=torch.zeros(2), pol_r=torch.zeros(2), ref_c=torch.zeros(2), ref_r=torch.zeros(2), beta=0.1)
+    with pytest.raises(exc, match=err):
+        dpo_loss(**{**args, **kwargs})
+
+
+def test_flip_threshold_bad_input():
+    with pytest.raises(ValueError, match="shapes"):
+        flip_threshold([0.0, 1.0], [0.0], 0.1)
+    with pytest.raises(ValueError, match="beta"):
+        flip_threshold([0.0], [0.0], 0.0)
+
+
+# ---------------------------------------------------------------- log-likelihoods of completions
+
+PROMPTS = ["Q: What is the capital of France?\nA:", "Hi", "Q: 2 + 2 =", "A much longer prompt, to force padding:"]
+COMPLETIONS = [" Paris", " there, how are you doing today?", " 4", " ok"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request):
+    from mdxlib.models import tiny_lm
+
+    return tiny_lm(request.param)
+
+
+def test_sequence_logprobs_batch_and_padding_invariant(lm):
+    model, tok = lm
+    full = sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=4)
+    assert isinstance(full, SequenceLogprobs) and full.logp.shape == (4,) and (full.logp < 0).all()
+    for bs in (1, 2, 3):
+        assert torch.allclose(sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=bs).logp, full.logp, atol=1e-5)
+    perm = [3, 1, 0, 2]  # other neighbours in the batch, other padding
+    shuffled = sequence_logprobs(model, tok, [PROMPTS[i] for i in perm], [COMPLETIONS[i] for i in perm], batch_size=4)
+    assert torch.allclose(shuffled.logp, full.logp[perm], atol=1e-5)
+    assert torch.equal(full.n_tokens, torch.tensor([len(c.encode()) for c in COMPLETIONS]))
+    assert torch.allclose(full.mean, full.logp / full.n_tokens)
+
+
+def test_sequence_logprobs_matches_hand_computation_and_excludes_prompt(lm):
+    model, tok = lm
+    got = sequence_logprobs(model, tok, PROMPTS[:1], COMPLETIONS[:1]).logp[0]
+    ids = tok(PROMPTS[0]).input_ids + tok(COMPLETIONS[0], add_special_tokens=False).input_ids
+    n_prompt = len(tok(PROMPTS[0]).input_ids)
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(got, logp[n_prompt - 1 :].sum(), atol=1e-5)
+    assert not torch.allclose(got, logp.sum(), atol=1e-3)
+
+
+def test_sequence_logprobs_chat_template_and_mode_restored(lm):
+    model, tok = lm
+    model.train()
+    plain = sequence_logprobs(model, tok, PROMPTS, COMPLETIONS)
+    chat = sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, chat_template=True)
+    assert model.training  # the caller's mode is restored
+    model.eval()
+    assert torch.equal(plain.n_tokens, chat.n_tokens) and not torch.allclose(plain.logp, chat.logp)
+
+
+def test_sequence_logprobs_bad_input(lm):
+    model, tok = lm
+    with pytest.raises(ValueError, match="shapes"):
+        sequence_logprobs(model, tok, PROMPTS, COMPLETIONS[:2])
+    with pytest.raises(ValueError, match=r"completions\[1\]"):
+        sequence_logprobs(model, tok, ["a", "b"], ["x", ""])
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        sequence_logprobs(model, tok, [""], ["x"])
+    with pytest.raises(TypeError, match="prompts"):
+        sequence_logprobs(model, tok, "a prompt", ["x"])
+    with pytest.raises(ValueError, match="batch_size"):
+        sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=0)
+    with pytest.raises(TypeError, match="model"):
+        sequence_logprobs("gpt2", tok, PROMPTS, COMPLETIONS)
+
+
+def test_cached_block_inputs_give_the_full_forward(lm):
+    model, tok = lm
+    enc = encode_completions(tok, PROMPTS, COMPLETIONS)
+    with torch.no_grad():
+        full = completion_logprobs(model, enc).logp
+        cached = block_inputs(model, enc, block=1, batch_size=3)
+        assert [h.shape[0] for h in cached] == [len(p) + len(c) for p, c in enc]
+        part = completion_logprobs(model, enc, start_block=1, block_inputs=cached).logp
+        assert torch.allclose(part, full, atol=1e-5)
+        assert torch.allclose(completion_logprobs(model, enc).logp, full, atol=1e-6)  # all blocks back in place
+    with pytest.raises(ValueError, match="block_inputs"):
+        completion_logprobs(model, enc, start_block=1)
+    with pytest.raises(ValueError, match="block"):
+        block_inputs(model, enc, block=2)
+
+
+# ---------------------------------------------------------------- data
+
+def test_capitals_and_pairs():
+    facts = load_capitals()
+    assert len(facts) == 104 and list(facts.columns) == ["country", "capital", "distractor"]
+    assert (facts.capital != facts.distractor).all() and facts.country.is_unique
+    pairs = make_preference_pairs(20, 10, seed=3)
+    assert len(pairs) == 30 and ((pairs.alpha > 0.5) & (pairs.alpha <= 1)).all()
+    assert set((pairs.alpha * 5).round().tolist()) <= {3.0, 4.0, 5.0}
+    assert pairs.kind.count("capital") == 20 and pairs.kind.count("sum") == 10
+    right = dict(zip(facts.country, facts.capital))
+    for p, c, r, k in zip(pairs.prompts, pairs.chosen, pairs.rejected, pairs.kind):
+        if k == "capital":
+            assert right[p.split("capital of ")[1].split("?")[0]] in (c.strip(), r.strip())
+    assert make_preference_pairs(20, 10, seed=3).chosen == pairs.chosen
+    sub = pairs[[0, 2]]
+    assert sub.prompts == [pairs.prompts[0], pairs.prompts[2]] and torch.equal(sub.alpha, pairs.alpha[[0, 2]])
+
+
+@pytest.mark.parametrize("kwargs, err", [(dict(n_raters=4), "n_raters"), (dict(n_capitals=200), "n_capitals"),
+                                         (dict(n_capitals=0, n_sums=0), "n_sums")])
+def test_make_pairs_bad_input(kwargs, err):
+    with pytest.raises(ValueError, match=err):
+        make_preference_pairs(**kwargs)
+
+
+def test_preference_pairs_validates():
+    with pytest.raises(ValueError, match="alpha"):
+        PreferencePairs(["a"], ["b"], ["c"], [1.5])
+    with pytest.raises(ValueError, match="shapes"):
+        PreferencePairs(["a", "b"], ["b"], ["c"], [0.6])
+
+
+# ---------------------------------------------------------------- DPO training
+
+def test_train_dpo_tracks_R_and_flips_and_trains_only_subset():
+    from mdxlib.models import tiny_lm
+
+    model, tok = tiny_lm("llama")
+    pairs = make_preference_pairs(4, 4, seed=0)
+    params = decoder_block_params(model, 1)
+    chosen = {id(p) for p in params}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in chosen}
+    cfg = TrainConfig(steps=8, lr=3e-3, weight_decay=0.0, eval_every=4, seed=0)
+    run = train_dpo(model, None, pairs, beta=0.5, tokenizer=tok, config=cfg, params=params, batch_size=4)
+    ev = run.evals
+    assert ev.step.tolist() == [0, 4, 8] and set(ev.columns) >= {"R", "loss", "flipped"}
+    assert ev.loss[0] == pytest.approx(math.log(2), rel=1e-5) and ev.flipped[0] == 0
+    assert ev.loss.iloc[-1] < ev.loss[0]
+    assert ev.R.iloc[-1] == ranking_accuracy(run.pol_c, run.pol_r)
+    loss, thr = dpo_loss(run.pol_c, run.pol_r, run.ref_c, run.ref_r, 0.5), flip_threshold(run.ref_c, run.ref_r, 0.5)
+    assert torch.equal(loss <= thr, ranked_correctly(run.pol_c, run.pol_r))
+    assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if id(p) not in chosen)
+    assert all(p.requires_grad for p in model.parameters())  # the loop gives back requires_grad
+
+
+def test_train_dpo_precomputed_reference_equals_model_reference():
+    from mdxlib.models import tiny_lm
+
+    pairs = make_preference_pairs(3, 3, seed=1)
+    cfg = TrainConfig(steps=2, lr=1e-3, weight_decay=0.0, seed=0)
+    m1, tok = tiny_lm("llama")
+    ref_model, _ = tiny_lm("llama", seed=1)  # a reference different from the policy
+    a = train_dpo(m1, ref_model, pairs, 0.1, tok, cfg, batch_size=3)
+    rc = sequence_logprobs(ref_model, tok, pairs.prompts, pairs.chosen).logp
+    rr = sequence_logprobs(ref_model, tok, pairs.prompts, pairs.rejected).logp
+    assert torch.allclose(a.ref_c, rc.double(), atol=1e-5) and a.evals.loss[0] != pytest.approx(math.log(2))
+    m2, _ = tiny_lm("llama")
+    b = train_dpo(m2, (rc, rr), pairs, 0.1, tok, cfg, batch_size=3)
+    assert torch.allclose(a.pol_c, b.pol_c, atol=1e-4) and torch.allclose(a.pol_r, b.pol_r, atol=1e-4)
+
+
+def test_train_dpo_bad_input():
+    from mdxlib.models import tiny_lm
+
+    model, tok = tiny_lm("llama")
+    pairs = make_preference_pairs(2, 2, seed=0)
+    cfg = TrainConfig(steps=1)
+    with pytest.raises(ValueError, match="beta"):
+        train_dpo(model, None, pairs, 0.0, tok, cfg)
+    with pytest.raises(ValueError, match="gamma"):
+        train_dpo(model, None, pairs, 0.1, tok, cfg, gamma=-1.0)
+    with pytest.raises(TypeError, match="pairs"):
+        train_dpo(model, None, [("a", "b", "c")], 0.1, tok, cfg)
+    with pytest.raises(TypeError, match="ref"):
+        train_dpo(model, "ref", pairs, 0.1, tok, cfg)
+    with pytest.raises(ValueError, match="shapes"):
+        train_dpo(model, (torch.zeros(3), torch.zeros(3)), pairs, 0.1, tok, cfg)
+    with pytest.raises(ValueError, match="last"):
+        decoder_block_params(model, 5)
+    with pytest.raises(ValueError, match="train_blocks"):
+        train_dpo(model, None, pairs, 0.1, tok, cfg, params=decoder_block_params(model, 1), train_blocks=1)
+    with pytest.raises(ValueError, match="last"):
+        train_dpo(model, None, pairs, 0.1, tok, cfg, train_blocks=3)
+
+
+def test_train_dpo_cached_blocks_equal_plain_subset():
+    from mdxlib.models import tiny_lm
+
+    pairs = make_preference_pairs(3, 3, seed=2)
+    cfg = TrainConfig(steps=3, lr=3e-3, weight_decay=0.0, seed=0)
+    m1, tok = tiny_lm("llama")
+    m2, _ = tiny_lm("llama")
+    a = train_dpo(m1, None, pairs, 0.5, tok, cfg, train_blocks=1, batch_size=3)
+    b = train_dpo(m2, None, pairs, 0.5, tok, cfg, params=decoder_block_params(m2, 1), batch_size=3)
+    assert torch.allclose(a.pol_c, b.pol_c, atol=1e-4) and torch.allclose(a.pol_r, b.pol_r, atol=1e-4)
+    assert not torch.allclose(a.pol_c, a.ref_c)
