@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -334,18 +335,11 @@ def keep_outputs(
         dest = nbs / src.name
         nbformat.write(nb, str(dest))
         written.append(dest)
-    if written:
-        try:
-            from nbdev.clean import nbdev_clean
-        except ImportError as e:
-            raise ImportError("cleaning notebooks needs the dev extras: pip install -e '.[dev]'") from e
-        cwd = os.getcwd()
-        try:
-            os.chdir(nbs.parent)
-            for dest in written:
-                nbdev_clean(fname=str(dest))
-        finally:
-            os.chdir(cwd)
+    clean = Path(sys.executable).parent / "nbdev_clean"
+    if written and not clean.exists():
+        raise ImportError("cleaning notebooks needs the dev extras (nbdev): pip install -e '.[dev]'")
+    for dest in written:
+        subprocess.run([str(clean), "--fname", str(dest)], cwd=nbs.parent, check=True, capture_output=True)
     return written
 
 # %% ../nbs/09_reproduce.ipynb
