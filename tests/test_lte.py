@@ -1,0 +1,249 @@
+"LTE (mdxlib.lte) through its public API on tiny Llama and GPT-2 models and on SmolLM2-135M."
+import copy
+import math
+
+import pytest
+import torch
+
+from mdxlib.lte import (SEP_EPS, SparsityReport, evaluate_lm, group_neurons, lte_layers, lte_losses, set_routing,
+                        sparsity_report, to_lte, train_lte)
+from mdxlib.models import ModelNotAvailableError, adapter, load_lm, tiny_lm
+
+IDS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(0))
+TOKENS = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def stock(request):
+    model, _ = tiny_lm(request.param, seed=0)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    return request.param, model, logits
+
+
+def converted(stock, **kw):
+    arch, model, logits = stock
+    return to_lte(copy.deepcopy(model), expert_size=32, seed=0, **kw), logits
+
+
+# grouping --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["balanced_kmeans", "random"])
+def test_group_neurons_is_a_balanced_partition(method):
+    if method == "balanced_kmeans":
+        pytest.importorskip("k_means_constrained")
+    w = torch.randn(96, 12, generator=torch.Generator().manual_seed(0))
+    g = group_neurons(w, 16, method, seed=1)
+    assert g.shape == (6, 16) and g.dtype == torch.int64
+    assert torch.equal(g.flatten().sort().values, torch.arange(96))
+    assert torch.equal(g, group_neurons(w, 16, method, seed=1))
+
+
+def test_balanced_kmeans_groups_similar_neurons():
+    pytest.importorskip("k_means_constrained")
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 5
+    order = torch.randperm(64, generator=g)
+    w = centres.repeat_interleave(16, 0)[order] + 0.1 * torch.randn(64, 16, generator=g)
+    groups = group_neurons(w, 16)
+    truth = torch.arange(4).repeat_interleave(16)[order]  # the cluster of each neuron
+    assert all(len(set(truth[row].tolist())) == 1 for row in groups)
+    rand = group_neurons(w, 16, "random")
+    assert not all(len(set(truth[row].tolist())) == 1 for row in rand)
+
+
+@pytest.mark.parametrize("kw,err,msg", [(dict(expert_size=7), ValueError, "must divide d_ff"),
+                                        (dict(expert_size=0), ValueError, "expert_size must be"),
+                                        (dict(method="kmeans"), ValueError, "method must be"),
+                                        (dict(weight=torch.zeros(4)), TypeError, "weight must be")])
+def test_group_neurons_bad_inputs(kw, err, msg):
+    with pytest.raises(err, match=msg):
+        group_neurons(**(dict(weight=torch.zeros(32, 4), expert_size=8) | kw))
+
+
+# conversion and modes ---------------------------------------------------------------------------------------------
+
+def test_dense_mode_is_the_stock_model(stock):
+    model, logits = converted(stock, method="random")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, logits, atol=1e-5, rtol=1e-5)
+    layers = lte_layers(model)
+    assert sorted(layers) == [0, 1] and all(m.expert_size == 32 for m in layers.values())
+    assert adapter(model).d_ff == layers[0].n_experts * 32  # the adapter still reads the converted model
+
+
+def test_balanced_kmeans_conversion_is_also_exact(stock):
+    pytest.importorskip("k_means_constrained")
+    model, logits = converted(stock, layers=[1])
+    assert sorted(lte_layers(model)) == [1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_modes(stock):
+    model, logits = converted(stock, method="random")
+    n = lte_layers(model)[0].n_experts
+    with torch.no_grad():
+        set_routing(model, "soft")
+        soft = model(IDS).logits
+        assert not torch.allclose(soft, logits, atol=1e-4)
+        set_routing(model, "hard")
+        hard = model(IDS).logits
+        m = lte_layers(model)[1]
+        assert torch.equal(m.last_active, m.last_scores > m.tau)
+        set_routing(model, "hard", sparse=True)
+        torch.testing.assert_close(model(IDS).logits, hard, atol=1e-5, rtol=1e-5)
+        set_routing(model, "topk", k=2)
+        topk = model(IDS).logits
+        assert (lte_layers(model)[0].last_active.sum(-1) == 2).all()
+        set_routing(model, "topk", k=2, sparse=True)
+        torch.testing.assert_close(model(IDS).logits, topk, atol=1e-5, rtol=1e-5)
+        set_routing(model, "magnitude", k=n)
+        torch.testing.assert_close(model(IDS).logits, logits, atol=1e-5, rtol=1e-5)
+        set_routing(model, "hard", tau=0.999)  # nothing passes: the FFNs are off
+        model(IDS)
+        assert not lte_layers(model)[0].last_active.any()
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(mode="nope"), "mode must be"), (dict(mode="topk"), "needs k"),
+                                    (dict(mode="topk", k=0), "k must be"), (dict(mode="magnitude", k=1.5), "k must be"),
+                                    (dict(mode="topk", k={5: 1}), "no entry for layer"),
+                                    (dict(mode="soft", sparse=True), "sparse=True needs"),
+                                    (dict(mode="hard", tau=0.0), "tau must be")])
+def test_set_routing_bad_inputs(stock, kw, msg):
+    model, _ = converted(stock, method="random")
+    with pytest.raises(ValueError, match=msg):
+        set_routing(model, **kw)
+
+
+def test_to_lte_bad_inputs(stock):
+    arch, model, _ = stock
+    with pytest.raises(ValueError, match="must divide"):
+        to_lte(copy.deepcopy(model), expert_size=48)
+    with pytest.raises(ValueError, match="layers must be"):
+        to_lte(copy.deepcopy(model), expert_size=32, layers=[2])
+    with pytest.raises(ValueError, match="tau must be"):
+        to_lte(copy.deepcopy(model), expert_size=32, tau=1.0)
+    with pytest.raises(TypeError, match="model must be"):
+        to_lte(torch.nn.Linear(2, 2))
+    conv, _ = converted(stock, method="random")
+    with pytest.raises(ValueError, match="already converted"):
+        to_lte(conv)
+    with pytest.raises(ValueError, match="no LTE layers"):
+        set_routing(model, "soft")
+
+
+# losses, training, reports ---------------------------------------------------------------------------------------
+
+def test_lte_losses_follow_eq4(stock):
+    model, _ = converted(stock, method="random")
+    set_routing(model, "soft")
+    model(IDS)
+    l_eff, l_sep = lte_losses(model)
+    per_layer = [m.last_scores for m in lte_layers(model).values()]
+    assert torch.allclose(l_eff, torch.stack([g.pow(2).mean() for g in per_layer]).mean())
+    assert torch.allclose(l_sep, torch.stack([(1 / ((g - 0.5) ** 2 + SEP_EPS)).mean() for g in per_layer]).mean())
+    assert l_sep <= 1 / SEP_EPS
+    l_eff.backward()
+    assert lte_layers(model)[0].router.weight.grad.abs().sum() > 0
+    set_routing(model, "dense")
+    model(IDS)
+    with pytest.raises(ValueError, match="no sigmoid router scores"):
+        lte_losses(model)
+
+
+def test_train_lte_stages(stock):
+    model, _ = converted(stock, method="random")
+    routers = [m.router.weight.detach().clone() for m in lte_layers(model).values()]
+    h1 = train_lte(model, TOKENS, eta=2.0, stage=1, steps=3, lr=1e-3, router_lr=1e-2, batch_size=2, seq_len=16,
+                   show_progress=False)
+    assert len(h1.loss) == 3 and all(math.isfinite(v) for v in h1.loss)
+    assert all(not torch.equal(r, m.router.weight) for r, m in zip(routers, lte_layers(model).values()))
+    after1 = [m.router.weight.detach().clone() for m in lte_layers(model).values()]
+    w_before = adapter(model).mlp_out_weight(0).detach().clone()
+    train_lte(model, TOKENS, stage=2, steps=2, lr=1e-3, batch_size=2, seq_len=16, show_progress=False)
+    assert all(torch.equal(r, m.router.weight) for r, m in zip(after1, lte_layers(model).values()))
+    assert not torch.equal(w_before, adapter(model).mlp_out_weight(0))
+    assert all(m.mode == "hard" and m.router.weight.requires_grad for m in lte_layers(model).values())
+
+
+def test_eta_drives_sparsity():
+    "A larger eta gives a sparser model after the same stage-1 training (tiny llama, routers only)."
+    base, _ = tiny_lm("llama", seed=0)
+    sparsity = []
+    for eta in (0.0, 20.0):
+        model = to_lte(copy.deepcopy(base), expert_size=16, method="random")
+        routers = [p for m in lte_layers(model).values() for p in m.router.parameters()]
+        train_lte(model, TOKENS, eta=eta, lam=0.0, steps=15, router_lr=5e-2, batch_size=4, seq_len=16,
+                  params=[], show_progress=False)
+        set_routing(model, "hard")
+        sparsity.append(sparsity_report(model, [IDS]).overall)
+        assert routers
+    assert sparsity[1] > sparsity[0] + 0.2, sparsity
+
+
+def test_train_lte_bad_inputs(stock):
+    model, _ = converted(stock, method="random")
+    with pytest.raises(ValueError, match="stage must be"):
+        train_lte(model, TOKENS, stage=0)
+    with pytest.raises(ValueError, match="lam must be"):
+        train_lte(model, TOKENS, lam=float("nan"))
+    with pytest.raises(ValueError, match="no LTE layers"):
+        train_lte(stock[1], TOKENS)
+
+
+def test_sparsity_report_counts_and_flops(stock):
+    model, _ = converted(stock, method="random")
+    n = lte_layers(model)[0].n_experts
+    set_routing(model, "topk", k=1)
+    rep = sparsity_report(model, [IDS, IDS[:1]])
+    assert isinstance(rep, SparsityReport)
+    assert all(math.isclose(s, 1 - 1 / n) for s in rep.per_layer.values()) and math.isclose(rep.overall, 1 - 1 / n)
+    a = adapter(model)
+    assert math.isclose(rep.flops["ffn_lte"], rep.flops["ffn_dense"] / n)
+    assert rep.flops["router"] == a.n_layers * 2 * a.d_model * n
+    assert math.isclose(rep.flops["lte"], rep.flops["dense"] - rep.flops["ffn_dense"] + rep.flops["ffn_lte"] + rep.flops["router"])
+    assert math.isclose(rep.ppl, evaluate_lm(model, [IDS, IDS[:1]])["ppl"], rel_tol=1e-6)
+    set_routing(model, "dense")
+    assert sparsity_report(model, [IDS]).overall == 0
+    with pytest.raises(ValueError, match="empty"):
+        sparsity_report(model, [])
+
+
+def test_softmax_router_baseline(stock):
+    model, logits = converted(stock, method="random", router="softmax")
+    with pytest.raises(ValueError, match="softmax routers train in 'topk' mode"):
+        train_lte(model, TOKENS, steps=1)
+    with pytest.raises(ValueError, match="needs sigmoid routers"):
+        set_routing(model, "hard")
+    set_routing(model, "topk", k=0.5)
+    h = train_lte(model, TOKENS, steps=2, lr=1e-3, batch_size=2, seq_len=16, show_progress=False)
+    assert math.isfinite(h.loss[-1])
+    model.eval()
+    with torch.no_grad():
+        model(IDS)
+    m = lte_layers(model)[0]
+    torch.testing.assert_close(m.last_scores.sum(-1), torch.ones(2, 13))  # probabilities
+    assert (m.last_active.sum(-1) == m.n_experts // 2).all()
+
+
+# the real model --------------------------------------------------------------------------------------------------
+
+def test_smollm2_one_layer():
+    try:
+        model, tok = load_lm("smollm2-135m-instruct")
+    except ModelNotAvailableError as e:
+        pytest.skip(str(e))
+    ids = torch.tensor([tok("it is a truth universally acknowledged")["input_ids"]])
+    with torch.no_grad():
+        ref = model(ids).logits
+        to_lte(model, expert_size=32, layers=[29], method="random")
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=1e-4)
+        m = lte_layers(model)[29]
+        assert m.n_experts == 48
+        set_routing(model, "hard")
+        hard = model(ids).logits
+        set_routing(model, "hard", sparse=True)
+        torch.testing.assert_close(model(ids).logits, hard, atol=1e-4, rtol=1e-4)
+        rep = sparsity_report(model, [ids])
+    assert 0 <= rep.overall <= 1 and rep.flops["dense"] > 2e8 and math.isfinite(rep.ppl)

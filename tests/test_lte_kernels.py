@@ -1,0 +1,96 @@
+"The sparse FFN of LTE (mdxlib.kernels.lte): torch path and Triton kernels against the dense masked reference."
+import pytest
+import torch
+
+from mdxlib.kernels import HAS_TRITON, TRITON_INTERPRET
+from mdxlib.kernels.lte import expert_runs, sparse_ffn, sparse_ffn_ref, sparse_ffn_torch, sparse_ffn_triton
+
+
+def make(B, d, E, n, seed=0, mask="random", gate=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x, wg, wu, wd = (torch.randn(s, generator=g).to(dtype) for s in ((B, d), (n * E, d), (n * E, d), (n * E, d)))
+    active = {"random": torch.rand(B, n, generator=g) < 0.5, "all": torch.ones(B, n, dtype=torch.bool),
+              "none": torch.zeros(B, n, dtype=torch.bool)}[mask]
+    bu, bd = torch.randn(n * E, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
+    return dict(x=x, w_gate=wg if gate else None, w_up=wu, w_down=wd, active=active, expert_size=E,
+                act="silu" if gate else "gelu_tanh", b_up=None if gate else bu, b_down=None if gate else bd)
+
+
+def test_expert_runs():
+    assert expert_runs(torch.tensor([False, True, True, False, True])) == [(1, 3), (4, 5)]
+    assert expert_runs(torch.ones(4, dtype=torch.bool)) == [(0, 4)]
+    assert expert_runs(torch.zeros(4, dtype=torch.bool)) == []
+    with pytest.raises(ValueError, match="mask must be a 1-D bool"):
+        expert_runs(torch.tensor([1, 0]))
+
+
+def test_reference_masks_whole_experts():
+    args = make(2, 7, 4, 3, mask="all")
+    dense = sparse_ffn_ref(**args)
+    h = torch.nn.functional.silu(args["x"] @ args["w_gate"].T) * (args["x"] @ args["w_up"].T)
+    torch.testing.assert_close(dense, h @ args["w_down"])
+    off = dict(args, active=torch.tensor([[True, False, True], [False, False, False]]))
+    out = sparse_ffn_ref(**off)
+    assert out[1].abs().max() == 0
+    keep = torch.cat([torch.arange(0, 4), torch.arange(8, 12)])
+    torch.testing.assert_close(out[0], h[0, keep] @ args["w_down"][keep])
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("mask", ["random", "all", "none"])
+@pytest.mark.parametrize("gate", [True, False])
+def test_torch_path_matches_reference(B, mask, gate):
+    args = make(B, 19, 12, 5, seed=B, mask=mask, gate=gate)
+    for gather in (0, 10**9):  # contiguous runs of experts / one gather of the active neurons
+        torch.testing.assert_close(sparse_ffn_torch(**args, gather_per_run=gather), sparse_ffn_ref(**args),
+                                   atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sparse_ffn(**args), sparse_ffn_ref(**args), atol=1e-4, rtol=1e-4)  # CPU: torch path
+
+
+@pytest.mark.skipif(not (HAS_TRITON and (TRITON_INTERPRET or torch.cuda.is_available())), reason="needs Triton")
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("mask", ["random", "all", "none"])
+@pytest.mark.parametrize("gate", [True, False])
+def test_triton_matches_reference(B, mask, gate):
+    dev = "cuda" if torch.cuda.is_available() and not TRITON_INTERPRET else "cpu"
+    args = make(B, 21, 12, 3, seed=10 + B, mask=mask, gate=gate)
+    args = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    torch.testing.assert_close(sparse_ffn(**args, backend="triton"), sparse_ffn_ref(**args), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or TRITON_INTERPRET, reason="half precision needs a GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+def test_triton_half_precision_gpu(dtype, tol):
+    args = make(3, 100, 32, 7, dtype=dtype)
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    ref = sparse_ffn_ref(**{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                            for k, v in args.items()})
+    torch.testing.assert_close(sparse_ffn_triton(**args).float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+def test_split_does_not_change_the_result():
+    if not (HAS_TRITON and TRITON_INTERPRET):
+        pytest.skip("interpreter only")
+    args = make(2, 16, 8, 6, seed=3)
+    ref = sparse_ffn_ref(**args)
+    for split in (1, 2, 5):
+        torch.testing.assert_close(sparse_ffn_triton(**args, split=split), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change,err,msg", [
+    (dict(w_down=torch.zeros(5, 36)), ValueError, "w_down must be neuron-major"),
+    (dict(active=torch.ones(2, 4, dtype=torch.int64)), ValueError, "active must be a bool"),
+    (dict(active=torch.ones(2, 5, dtype=torch.bool)), ValueError, "active must be a bool"),
+    (dict(expert_size=5), ValueError, "w_up must be"),
+    (dict(expert_size=0), ValueError, "expert_size must be a positive int"),
+    (dict(act="swish"), ValueError, "act must be"),
+    (dict(x=torch.zeros(2, 5, dtype=torch.float64)), TypeError, "share one dtype"),
+    (dict(x=torch.zeros(5)), ValueError, "x must be a 2-D"),
+    (dict(w_up=[[0.0]]), TypeError, "w_up must be a torch.Tensor"),
+])
+def test_bad_inputs(change, err, msg):
+    args = make(2, 5, 9, 4)
+    with pytest.raises(err, match=msg):
+        sparse_ffn(**(args | change))
+    with pytest.raises(err, match=msg):
+        sparse_ffn_ref(**(args | change))
