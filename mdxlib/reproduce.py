@@ -185,7 +185,7 @@ def results_markdown(
 PAPERS = [  # notebook, paper, one-line claim, the paper's headline, the metric of ours that matches it
     ("10_md4", "MD4 / GenMD4: simplified and generalized masked diffusion",
      "The continuous-time ELBO of masked diffusion is a weighted integral of cross-entropies; learnt per-token schedules help.",
-     "text8 1.37 BPC (GenMD4 1.34)", "md4_test_bpc"),
+     "text8 1.37 BPC (GenMD4 1.34)", "bpc_md4_linear"),
     ("11_gem", "GEM: graph-based disentanglement with MLLMs",
      "An MLLM-built attribute graph integrated with a beta-VAE disentangles correlated factors.",
      "GPT-4o attribute accuracy 88.4%", "attribute_accuracy"),
@@ -209,10 +209,10 @@ PAPERS = [  # notebook, paper, one-line claim, the paper's headline, the metric 
      "SEED-Bench video 42.11", "accuracy_hybrid"),
     ("18_lte", "LTE: learn to be efficient, structured FFN sparsity",
      "Training routers with the model yields structured sparsity with a better quality trade-off and real latency cuts.",
-     "LLaMA-7B WikiText-103 PPL 5.95 at ~50% sparsity", "ppl_lte_50"),
+     "LLaMA-7B WikiText-103 PPL 5.95 at ~50% sparsity", "lte_stage2_eta1.0_ppl"),
     ("19_prefrank", "Preference learning algorithms do not learn preference rankings",
      "Preference-tuned models rank preferred completions first rarely (R < 60%), far below the idealized R*.",
-     "Zephyr-7B-DPO R 42% (R* median 99%)", "ranking_accuracy"),
+     "Zephyr-7B-DPO R 0.42 (R* median 0.99)", "lm_R"),
 ]
 
 
