@@ -44,11 +44,11 @@ def test_run_notebook_passes_parameters_and_reports_failures(tmp_path):
 
 
 def test_results_table(tmp_path):
-    Results("10_md4", "cpu", 0, path=tmp_path / "10_md4.json").log("md4_test_bpc", 2.0, paper=1.37, setting="tiny")
+    Results("10_md4", "cpu", 0, path=tmp_path / "10_md4.json").log("bpc_md4_linear", 2.0, paper=1.37, setting="tiny")
     df = results_frame(tmp_path)
     assert df.loc[0, "ours"] == 2.0 and df.loc[0, "paper"] == 1.37
     md = results_markdown(df)
-    assert "md4_test_bpc" in md and "1.37" in md
+    assert "bpc_md4_linear" in md and "1.37" in md
     table = papers_table(tmp_path)
     assert len(PAPERS) == 10 and table.count("\n") == 12
     assert "2 (cpu scale)" in table

@@ -19,7 +19,8 @@ from ..core import get_device
 # %% auto 0
 __all__ = ['TRITON_INTERPRET', 'BACKENDS', 'OPS', 'TOLERANCES', 'SOFTMAX_DTYPES', 'softmax', 'choose_interpret', 'pick_backend',
            'triton_available', 'KernelOp', 'randn_inputs', 'check_op', 'bench', 'markdown_table', 'softmax_ref',
-           'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction', 'softmax_triton', 'HAS_TRITON', 'triton', 'tl']
+           'row_max_sumexp', 'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction', 'softmax_triton', 'HAS_TRITON', 'triton',
+           'tl']
 
 # %% ../../nbs/05_kernels.ipynb
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -311,6 +312,28 @@ def softmax_ref(
 
 # %% ../../nbs/05_kernels.ipynb
 @triton.jit
+def row_max_sumexp(
+    x_row,  # pointer to the first element of one row
+    n_cols,  # V, any size
+    BLOCK: tl.constexpr,  # columns per step, a power of two
+):
+    # One pass of online softmax over a row, shared by every row-wise kernel of mdxlib:
+    # returns (max, sum of exp(x - max)) in fp32, reading the row once in BLOCK-wide steps.
+    cols = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)  # running max per lane
+    d = tl.zeros([BLOCK], tl.float32)  # running sum of exp(x - m) per lane
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing finite yet
+        d = d * tl.exp(m - shift) + tl.exp(x - shift)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    return m_row, tl.sum(d * tl.exp(m - m_row), axis=0)
+
+
+@triton.jit
 def _softmax_fwd_kernel(
     x_ptr,  # (N, V) input, last dimension contiguous
     y_ptr,  # (N, V) output, same dtype
@@ -322,17 +345,7 @@ def _softmax_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: N * V may pass 2**31
     cols = tl.arange(0, BLOCK)
     x_row = x_ptr + row * x_row_stride
-    m = tl.full([BLOCK], float("-inf"), tl.float32)  # running max per lane
-    d = tl.zeros([BLOCK], tl.float32)  # running sum of exp(x - m) per lane
-    for start in range(0, n_cols, BLOCK):
-        mask = start + cols < n_cols
-        x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, x)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing finite yet
-        d = d * tl.exp(m - shift) + tl.exp(x - shift)
-        m = m_new
-    m_row = tl.max(m, axis=0)
-    d_row = tl.sum(d * tl.exp(m - m_row), axis=0)
+    m_row, d_row = row_max_sumexp(x_row, n_cols, BLOCK)
     y_row = y_ptr + row * y_row_stride
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols

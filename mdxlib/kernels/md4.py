@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import KernelOp, triton, tl
+from . import KernelOp, row_max_sumexp, triton, tl
 
 # %% auto 0
 __all__ = ['masked_ce', 'fused_linear_masked_ce_torch', 'fused_linear_masked_ce_triton', 'fused_linear_masked_ce',
@@ -80,17 +80,8 @@ def _masked_ce_kernel(
     else:
         x_row = logits_ptr + row * logits_row_stride
         y = tl.load(target_ptr + row).to(tl.int64)
-        m = tl.full([BLOCK], float("-inf"), tl.float32)  # running max per lane
-        d = tl.zeros([BLOCK], tl.float32)  # running sum of exp(x - m) per lane
-        for start in range(0, n_cols, BLOCK):
-            mask = start + cols < n_cols
-            x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing finite yet
-            d = d * tl.exp(m - shift) + tl.exp(x - shift)
-            m = m_new
-        m_row = tl.max(m, axis=0)
-        lse = m_row + tl.log(tl.sum(d * tl.exp(m - m_row), axis=0))
+        m_row, d_row = row_max_sumexp(x_row, n_cols, BLOCK)  # the harness's online-softmax pass
+        lse = m_row + tl.log(d_row)
         x_y = tl.load(x_row + y).to(tl.float32)
         tl.store(loss_ptr + row, w * (lse - x_y))
         if HAS_GRAD:
