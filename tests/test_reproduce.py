@@ -78,3 +78,26 @@ def test_cli_reproduce_only_core(tmp_path, monkeypatch):
 def test_notebook_markdown_skips_code():
     md = notebook_markdown(ROOT / "nbs" / "index.ipynb")
     assert md.startswith("# mdxlib") and "import" not in md.split("## Using")[0]
+
+
+def test_gpu_notebooks_are_skipped_without_cuda(tmp_path):
+    import torch
+
+    path = _nb(tmp_path / "g.ipynb", "raise RuntimeError('must not run')")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["mdxlib"] = {"gpu": True}
+    nbformat.write(nb, path)
+    run = run_notebook(path, tmp_path / "out", scale="smoke", results=tmp_path / "res")
+    if torch.cuda.is_available():
+        assert not run.ok
+    else:
+        assert run.ok and run.skipped and "GPU" in run.skipped
+
+
+def test_nbdev_clean_keeps_the_gpu_marker(tmp_path):
+    "settings.ini allows the `mdxlib` notebook metadata key, so cleaning never drops a notebook's GPU marker."
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "settings.ini")
+    assert "mdxlib" in cfg["DEFAULT"]["allowed_metadata_keys"].split()
