@@ -295,3 +295,13 @@ def test_softmax_bad_inputs():
     with pytest.raises(ValueError, match="dy must have y's shape"):
         softmax_bwd(torch.randn(2, 3), torch.randn(3, 2))
     assert torch.allclose(softmax(torch.randn(4, 9)).sum(-1), torch.ones(4))
+
+
+def test_row_block_launch_rule():
+    from mdxlib.kernels import row_block
+
+    assert row_block(1, None) == (1, 4) and row_block(37, None) == (64, 4)
+    assert row_block(50_257, None) == (4096, 8) and row_block(37, 16) == (16, 4)
+    for bad in (0, 24, True, 2.0):
+        with pytest.raises(ValueError, match="block_size"):
+            row_block(37, bad)

@@ -19,8 +19,8 @@ from ..core import get_device
 # %% auto 0
 __all__ = ['TRITON_INTERPRET', 'BACKENDS', 'OPS', 'TOLERANCES', 'SOFTMAX_DTYPES', 'softmax', 'choose_interpret', 'pick_backend',
            'triton_available', 'KernelOp', 'randn_inputs', 'check_op', 'bench', 'markdown_table', 'softmax_ref',
-           'row_max_sumexp', 'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction', 'softmax_triton', 'HAS_TRITON', 'triton',
-           'tl']
+           'row_max_sumexp', 'row_block', 'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction', 'softmax_triton',
+           'HAS_TRITON', 'triton', 'tl']
 
 # %% ../../nbs/05_kernels.ipynb
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -400,8 +400,11 @@ def _rows(
     return t.reshape(-1, t.shape[-1]).contiguous()  # copies only when the rows are not already contiguous
 
 
-def _block(n_cols: int, block_size: int | None) -> tuple[int, int]:
-    "BLOCK and num_warps for rows of `n_cols`."
+def row_block(
+    n_cols: int,  # Row length V
+    block_size: int | None,  # Asked-for columns per step (a power of two); None: the next power of two, up to 4096
+) -> tuple[int, int]:  # (BLOCK, num_warps)
+    "BLOCK and num_warps for a row-wise kernel over rows of `n_cols`: the launch rule every row-wise kernel shares."
     if block_size is None:
         block_size = min(triton.next_power_of_2(max(n_cols, 1)), 4096)
     elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
@@ -417,7 +420,7 @@ def softmax_fwd(
     x2 = _rows(x, "x")  # (N, V)
     y = torch.empty_like(x2)
     if x2.numel():
-        block, warps = _block(x2.shape[1], block_size)
+        block, warps = row_block(x2.shape[1], block_size)
         _softmax_fwd_kernel[(x2.shape[0],)](x2, y, x2.stride(0), y.stride(0), x2.shape[1], BLOCK=block, num_warps=warps)
     return y.view(x.shape)
 
@@ -433,7 +436,7 @@ def softmax_bwd(
     y2, dy2 = _rows(y, "y"), _rows(dy, "dy").to(y.dtype)  # (N, V) each
     dx = torch.empty_like(y2)
     if y2.numel():
-        block, warps = _block(y2.shape[1], block_size)
+        block, warps = row_block(y2.shape[1], block_size)
         _softmax_bwd_kernel[(y2.shape[0],)](y2, dy2, dx, y2.stride(0), dy2.stride(0), dx.stride(0), y2.shape[1],
                                             BLOCK=block, num_warps=warps)
     return dx.view(y.shape)

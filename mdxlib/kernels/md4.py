@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import KernelOp, row_max_sumexp, triton, tl
+from . import KernelOp, row_block, row_max_sumexp, triton, tl
 
 # %% auto 0
 __all__ = ['masked_ce', 'fused_linear_masked_ce_torch', 'fused_linear_masked_ce_triton', 'fused_linear_masked_ce',
@@ -92,15 +92,6 @@ def _masked_ce_kernel(
                 tl.store(grad_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 # %% ../../nbs/10a_md4_kernels.ipynb
-def _block(n_cols: int, block_size: int | None) -> tuple[int, int]:
-    "BLOCK and num_warps for rows of `n_cols`."
-    if block_size is None:
-        block_size = min(triton.next_power_of_2(max(n_cols, 1)), 4096)
-    elif isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a positive power of two; got {block_size!r}")
-    return block_size, (4 if block_size <= 1024 else 8)
-
-
 def masked_ce_fwd(
     logits: torch.Tensor,  # (N, V) fp32, fp16 or bf16
     target: torch.Tensor,  # (N,) int targets
@@ -117,7 +108,7 @@ def masked_ce_fwd(
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits) if with_grad else loss  # a dummy pointer when no gradient is written
     if N:
-        block, warps = _block(V, block_size)
+        block, warps = row_block(V, block_size)
         _masked_ce_kernel[(N,)](logits, target, weight, loss, grad, logits.stride(0), grad.stride(0) if with_grad else 0,
                                 V, HAS_GRAD=with_grad, BLOCK=block, num_warps=warps)
     return loss, (grad if with_grad else None)
