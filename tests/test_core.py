@@ -97,3 +97,12 @@ def test_style_and_progress(monkeypatch):
     monkeypatch.setenv("MDXLIB_PROGRESS", "0")
     bar = progress(range(3))
     assert bar.disable and list(bar) == [0, 1, 2]
+
+
+def test_project_root_is_the_checkout():
+    from pathlib import Path
+
+    from mdxlib.core import project_root
+
+    root = project_root()
+    assert root == Path(__file__).resolve().parent.parent and (root / "settings.ini").exists()

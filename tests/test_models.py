@@ -478,3 +478,11 @@ def test_image_encoder():
         load_image_encoder("resnet-50")
     with pytest.raises(ModelNotAvailableError, match="weights_path"):
         load_image_encoder("efficientnet-lite2")
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from mdxlib.models import cache_dir
+
+    monkeypatch.setenv("MDXLIB_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    assert lm_cache_path("smollm2-135m-instruct").is_relative_to(tmp_path / "c")

@@ -101,3 +101,36 @@ def test_nbdev_clean_keeps_the_gpu_marker(tmp_path):
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "settings.ini")
     assert "mdxlib" in cfg["DEFAULT"]["allowed_metadata_keys"].split()
+
+
+def test_run_notebooks_collects_failures_and_runs_index_last(tmp_path):
+    from mdxlib.reproduce import run_notebooks
+
+    a = _nb(tmp_path / "index.ipynb", "x = 1")
+    b = _nb(tmp_path / "10_bad.ipynb", "raise ValueError('nope')")
+    c = _nb(tmp_path / "00_ok.ipynb", "y = 2")
+    runs = run_notebooks([a, b, c], tmp_path / "out", scale="smoke", jobs=2)
+    assert [r.name for r in runs][-1] == "index" and {r.name for r in runs} == {"index", "10_bad", "00_ok"}
+    assert [r.ok for r in runs if r.name == "10_bad"] == [False]
+    with pytest.raises(ValueError, match="jobs"):
+        run_notebooks([a], tmp_path / "out", jobs=0)
+
+
+def test_keep_outputs_drops_injected_cell_and_refuses_other_scales(tmp_path):
+    from mdxlib.reproduce import keep_outputs, nbs_dir
+
+    assert (nbs_dir() / "index.ipynb").exists()
+    executed, dest = tmp_path / "executed", tmp_path / "nbs"
+    executed.mkdir(); dest.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('scale = "cpu"\nseed = 0', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('scale = "cpu"', metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("print(1)", outputs=[nbformat.v4.new_output("stream", text="1\n")])])
+    nbformat.write(nb, executed / "a.ipynb")
+    assert keep_outputs(executed, nbs=dest) == [dest / "a.ipynb"]
+    kept = nbformat.read(str(dest / "a.ipynb"), as_version=4)
+    assert len(kept.cells) == 2 and kept.cells[1].outputs
+    nb.cells[1].source = 'scale = "smoke"'
+    nbformat.write(nb, executed / "a.ipynb")
+    with pytest.raises(ValueError, match="cpu"):
+        keep_outputs(executed, nbs=dest)
