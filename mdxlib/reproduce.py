@@ -274,6 +274,7 @@ def build_site(
 ) -> Path:  # The folder holding index.html
     "Build the documentation site offline from `_quarto.yml` (nbdev processing + smalldocs)."
     try:
+        from nbdev.config import get_config
         from nbdev.serve import proc_nbs
         from smalldocs.site import build
     except ImportError as e:
@@ -281,8 +282,11 @@ def build_site(
     src_nbs = nbs_dir()
     root = src_nbs.parent
     out = Path(out) if out else root / "_docs"
-    stage = root / "_build" / "site_src"
-    shutil.rmtree(stage, ignore_errors=True)
+    # A private project folder per build (settings.ini + the notebooks): nbdev keeps its processing cache beside
+    # settings.ini, so two builds at once (tests, a notebook, a user) never share or delete each other's files.
+    project = Path(tempfile.mkdtemp(prefix="mdxlib-site-"))
+    shutil.copy(root / "settings.ini", project / "settings.ini")
+    stage = project / "nbs"
     shutil.copytree(src_nbs, stage, symlinks=False, ignore=shutil.ignore_patterns(".*", "results", "_proc", "*.bak"))
     if executed:
         for nb in Path(executed).glob("*.ipynb"):
@@ -295,17 +299,19 @@ def build_site(
         "the setting column before comparing.\n\n" + results_markdown(df))
     cwd = os.getcwd()
     try:
-        os.chdir(root)  # nbdev finds settings.ini from the working folder
+        os.chdir(project)  # nbdev finds settings.ini from the working folder (and caches what it found)
+        get_config.cache_clear()
         cache = proc_nbs(path=str(stage), force=True, n_workers=0)
         site = build(cache, quiet=quiet)
+        for w in site.warnings:
+            print(f"site warning: {w}", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(site.out), str(out))
     finally:
         os.chdir(cwd)
-    for w in site.warnings:
-        print(f"site warning: {w}", file=sys.stderr)
-    built = Path(site.out)
-    if built.resolve() != out.resolve():
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.move(str(built), str(out))
+        get_config.cache_clear()
+        shutil.rmtree(project, ignore_errors=True)
     return out
 
 # %% ../nbs/09_reproduce.ipynb

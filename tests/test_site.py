@@ -58,3 +58,11 @@ def test_home_and_results_pages(site):
     home = (site / "index.html").read_text()
     assert "mdxlib reproduce" in home and "MD4" in home
     assert "Results" in (site / "results.html").read_text()
+
+
+def test_build_writes_only_its_output(tmp_path):
+    "Each build works in a private folder, so builds running at once (a notebook, the tests) never collide."
+    before = sorted(p.name for p in ROOT.iterdir())
+    out = build_site(out=tmp_path / "deep" / "site", results=tmp_path / "results")
+    assert (out / "index.html").exists() and (out / "10_md4.html").exists()
+    assert sorted(p.name for p in ROOT.iterdir()) == before, "the build wrote into the checkout"
