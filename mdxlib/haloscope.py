@@ -17,7 +17,7 @@ from torch import nn
 
 from .core import data_dir, progress
 from .metrics import auroc
-from .models import last_token_hidden
+from .models import last_token_hidden, token_logprobs
 
 # %% auto 0
 __all__ = ['PROMPT', 'BASELINES', 'format_prompt', 'generate_answers', 'answer_texts', 'last_token_embeddings', 'top_subspace',
@@ -405,44 +405,20 @@ class HaloScope:
                 f"orientation={'large zeta = truthful' if self.sign_ > 0 else 'large zeta = hallucinated'})")
 
 # %% ../nbs/12_haloscope.ipynb
-@torch.no_grad()
 def answer_nll(
     model,  # A causal LM
     tokenizer,  # Its tokenizer
-    prompts: list[str],  # Prompt texts (e.g. from `format_prompt`)
+    prompts: list[str],  # Prompt texts (e.g. from `format_prompt`), already formatted: no special tokens added
     answers: list[str],  # One answer per prompt
     batch_size: int = 8,  # Sequences per forward pass
 ) -> list[torch.Tensor]:  # per answer, the (n_tokens,) negative log-likelihoods of its tokens
-    "Token NLLs of each answer given its prompt; an empty answer is scored by the end-of-sequence token."
-    prompts, answers = _check_texts(prompts, "prompts"), list(answers)
-    if len(answers) != len(prompts) or not all(isinstance(a, str) for a in answers):
+    "Token NLLs of each answer given its prompt (`mdxlib.models.token_logprobs`); an empty answer is scored by the end-of-sequence token."
+    prompts = _check_texts(prompts, "prompts")
+    if isinstance(answers, str) or len(answers) != len(prompts) or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"answers must be {len(prompts)} strings, one per prompt")
     _check_positive(batch_size, "batch_size")
-    dev = next(model.parameters()).device
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    rows = []
-    for p, a in zip(prompts, answers):
-        pi = tokenizer(p, add_special_tokens=False)["input_ids"]
-        ai = tokenizer(a, add_special_tokens=False)["input_ids"] or [eos]
-        rows.append((pi, ai))
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        T = max(len(p) + len(a) for p, a in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, (p, a) in enumerate(chunk):  # right padding
-            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
-            mask[r, :len(p) + len(a)] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), -1)  # (B, T, V)
-        for r, (p, a) in enumerate(chunk):
-            tgt = torch.tensor(a, device=dev)
-            pred = logp[r, len(p) - 1:len(p) + len(a) - 1]  # position t predicts token t + 1
-            out.append(-pred.gather(1, tgt[:, None]).squeeze(1).cpu())
-    return out
+    lp = token_logprobs(model, tokenizer, prompts, list(answers), batch_size, add_special_tokens=False, empty="eos")
+    return [-x for x in lp]
 
 
 def perplexity_score(

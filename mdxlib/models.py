@@ -27,8 +27,9 @@ from .core import get_device
 # %% auto 0
 __all__ = ['SHIPPED_LMS', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'LLAMA_STYLE', 'cache_dir', 'lm_cache_path', 'atomic_dir',
            'ModelNotAvailableError', 'load_lm', 'byte_tokenizer', 'tiny_lm', 'LMAdapter', 'adapter', 'capture_residual',
-           'hidden_states', 'last_token_index', 'last_token_hidden', 'ffn_neurons', 'attention_heads',
-           'head_contributions', 'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder', 'load_image_encoder']
+           'hidden_states', 'last_token_index', 'last_token_hidden', 'encode_completions', 'right_padded',
+           'batch_token_logprobs', 'token_logprobs', 'ffn_neurons', 'attention_heads', 'head_contributions',
+           'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder', 'load_image_encoder']
 
 # %% ../nbs/02_models.ipynb
 SHIPPED_LMS = {
@@ -427,6 +428,113 @@ def last_token_hidden(
         idx = last_token_index(mask).to(hs.device)
         out.append(hs[:, torch.arange(len(idx), device=hs.device), idx])  # (L, B, d)
     return torch.cat(out, dim=1)
+
+# %% ../nbs/02_models.ipynb
+def _check_strings(texts, name: str) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"{name} must be a list of strings; got {type(texts).__name__}")
+    return list(texts)
+
+
+def encode_completions(
+    tokenizer,  # A `transformers` tokenizer
+    prompts: list[str],  # N prompts
+    completions: list[str],  # N completions, scored after their prompt
+    chat_template: bool = False,  # Wrap each prompt as a user turn of the tokenizer's chat template
+    add_special_tokens: bool = True,  # Let the tokenizer add its special tokens (BOS) to a plain prompt
+    empty: str = "error",  # An empty completion: "error", or "eos" to score the end-of-sequence token
+) -> list[tuple[list[int], list[int]]]:  # Per pair: (prompt ids, completion ids)
+    "Tokenize prompts and completions separately, so that exactly the completion's tokens are scored."
+    prompts, completions = _check_strings(prompts, "prompts"), _check_strings(completions, "completions")
+    if len(prompts) != len(completions):
+        raise ValueError(f"prompts and completions must pair up; got {len(prompts)} prompts, {len(completions)} completions")
+    if not prompts:
+        raise ValueError("prompts and completions are empty")
+    if empty not in ("error", "eos"):
+        raise ValueError(f"empty must be 'error' or 'eos'; got {empty!r}")
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template=True but the tokenizer has no chat template")
+    eos = tokenizer.eos_token_id
+    if empty == "eos" and eos is None:
+        raise ValueError("empty='eos' but the tokenizer has no eos_token_id")
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if chat_template:
+            p = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        else:
+            p_ids = tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
+        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+        if len(p_ids) == 0:
+            raise ValueError(f"prompts[{i}] has no tokens: the first completion token would have no context")
+        if len(c_ids) == 0:
+            if empty == "error":
+                raise ValueError(f"completions[{i}] is empty: there is nothing to score (empty='eos' scores the end token)")
+            c_ids = [eos]
+        out.append((list(p_ids), list(c_ids)))
+    return out
+
+
+def right_padded(
+    encoded: list[tuple[list[int], list[int]]],  # From `encode_completions`
+    pad_id: int = 0,  # Id written in the padding (never attended to, never scored)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:  # ids, attention mask, completion mask (B, T); lengths
+    "One right-padded batch: token ids, attention mask, which positions hold completion tokens, and each length."
+    lengths = [len(p) + len(c) for p, c in encoded]
+    B, T = len(encoded), max(lengths)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros(B, T, dtype=torch.long)
+    scored = torch.zeros(B, T, dtype=torch.bool)
+    for b, (p, c) in enumerate(encoded):
+        ids[b, : lengths[b]] = torch.tensor(p + c)
+        attention[b, : lengths[b]] = 1
+        scored[b, len(p) : lengths[b]] = True
+    return ids, attention, scored, lengths
+
+
+def batch_token_logprobs(
+    model: nn.Module,  # A causal LM returning `.logits`
+    encoded: list[tuple[list[int], list[int]]],  # One batch from `encode_completions`
+    pad_id: int = 0,  # Padding id
+) -> list[torch.Tensor]:  # Per completion, the (n_i,) float32 log-probs of its tokens; differentiable
+    "Score one batch: right-padded, one forward pass, a softmax only at the positions that predict a completion token."
+    device = next(model.parameters()).device
+    ids, attention, scored, _ = (t.to(device) if isinstance(t, torch.Tensor) else t for t in right_padded(encoded, pad_id))
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (B, T, V)
+    target = scored[:, 1:]  # (B, T-1): position t predicts token t+1
+    picked = logits[:, :-1][target].float()  # (n_scored, V), row-major: sequence 0's tokens first
+    token_logp = picked.log_softmax(-1).gather(1, ids[:, 1:][target][:, None]).squeeze(1)  # (n_scored,)
+    return list(token_logp.split(target.sum(1).tolist()))
+
+
+def token_logprobs(
+    model: nn.Module,  # A causal LM (`transformers`), put in eval mode for the call
+    tokenizer,  # Its tokenizer
+    prompts: list[str],  # N prompts
+    completions: list[str],  # N completions
+    batch_size: int = 8,  # Sequences per forward pass (the result does not depend on it)
+    **encode_kw,  # `chat_template`, `add_special_tokens`, `empty` of `encode_completions`
+) -> list[torch.Tensor]:  # Per completion, the (n_i,) log-probs of its tokens, float32 on the CPU
+    "log pi(y_t | prompt, y_<t) for every token of every completion, batch- and padding-invariant, without gradients."
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    encoded = encode_completions(tokenizer, prompts, completions, **encode_kw)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # less padding
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                for i, lp in zip(idx, batch_token_logprobs(model, [encoded[i] for i in idx], pad_id)):
+                    out[i] = lp.cpu()
+    finally:
+        model.train(was_training)
+    return out
 
 # %% ../nbs/02_models.ipynb
 def _neuron_scales(scale, n_layers: int, width: int, name: str) -> dict[int, torch.Tensor]:

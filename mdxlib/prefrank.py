@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import data_dir
-from .models import adapter
+from .models import adapter, batch_token_logprobs, encode_completions, right_padded, token_logprobs
 from .train import History, TrainConfig, train
 
 # %% auto 0
 __all__ = ['PAPER_BETAS', 'ranked_correctly', 'ranking_accuracy', 'ranking_accuracy_listwise', 'optimal_log_ratio',
            'idealized_ranking_accuracy', 'idealized_ranking_summary', 'dpo_loss', 'flip_threshold', 'SequenceLogprobs',
-           'encode_completions', 'completion_logprobs', 'sequence_logprobs', 'decoder_block_params', 'block_inputs',
-           'PreferencePairs', 'load_capitals', 'make_preference_pairs', 'DPORun', 'train_dpo']
+           'completion_logprobs', 'sequence_logprobs', 'decoder_block_params', 'block_inputs', 'PreferencePairs',
+           'load_capitals', 'make_preference_pairs', 'DPORun', 'train_dpo']
 
 # %% ../nbs/19_prefrank.ipynb
 def _as_vector(name: str, x, dtype=torch.float64) -> torch.Tensor:
@@ -212,51 +212,6 @@ class SequenceLogprobs(NamedTuple):
         return self.logp / self.n_tokens
 
 
-def encode_completions(
-    tokenizer,  # A `transformers` tokenizer
-    prompts: Sequence[str],  # N prompts
-    completions: Sequence[str],  # N completions, scored after their prompt
-    chat_template: bool = False,  # Wrap each prompt as a user turn of the tokenizer's chat template
-) -> list[tuple[list[int], list[int]]]:  # Per pair: (prompt ids, completion ids)
-    "Tokenize prompts and completions separately, so that exactly the completion's tokens are scored."
-    for name, v in (("prompts", prompts), ("completions", completions)):
-        if isinstance(v, str) or not isinstance(v, Sequence):
-            raise TypeError(f"{name} must be a list of strings; got {type(v).__name__}")
-    _same_length(prompts=prompts, completions=completions)
-    if chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True but the tokenizer has no chat template")
-    out = []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        if not isinstance(p, str) or not isinstance(c, str):
-            raise TypeError(f"prompts[{i}] and completions[{i}] must be strings; got {type(p).__name__}, {type(c).__name__}")
-        if chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            p_ids = tokenizer(p)["input_ids"]
-        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
-        if len(p_ids) == 0:
-            raise ValueError(f"prompts[{i}] has no tokens: the first completion token would have no context")
-        if len(c_ids) == 0:
-            raise ValueError(f"completions[{i}] is empty: there is nothing to score")
-        out.append((list(p_ids), list(c_ids)))
-    return out
-
-
-def _padded(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int):
-    "Right-padded (ids, attention mask, completion-token mask), each (B, T), and the lengths."
-    lengths = [len(p) + len(c) for p, c in encoded]
-    B, T = len(encoded), max(lengths)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention = torch.zeros(B, T, dtype=torch.long)
-    scored = torch.zeros(B, T, dtype=torch.bool)  # positions whose token is a completion token
-    for b, (p, c) in enumerate(encoded):
-        ids[b, : lengths[b]] = torch.tensor(p + c)
-        attention[b, : lengths[b]] = 1
-        scored[b, len(p) : lengths[b]] = True
-    return ids, attention, scored, lengths
-
-
 @contextmanager
 def _enter_at_block(model: nn.Module, start: int, hidden: torch.Tensor):
     "Run only decoder blocks `start`.. of `model`, feeding `hidden` (B, T, d) into block `start`."
@@ -285,27 +240,21 @@ def completion_logprobs(
     start_block: int = 0,  # Skip the decoder blocks before this one ...
     block_inputs: Sequence[torch.Tensor] | None = None,  # ... and feed these (T_i, d) residual streams into it instead
 ) -> SequenceLogprobs:  # On the model's device; differentiable (no `no_grad` here)
-    "Score one batch of encoded completions: right-padded, one forward pass, prompt tokens masked out."
-    device = next(model.parameters()).device
-    ids, attention, scored, lengths = _padded(encoded, pad_id)
-    ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
-    B, T = ids.shape
+    "Summed log-likelihoods of one batch of encoded completions (`mdxlib.models.batch_token_logprobs`), optionally from a cached block on."
     if start_block:
-        if block_inputs is None or len(block_inputs) != B:
+        if block_inputs is None or len(block_inputs) != len(encoded):
             raise ValueError(f"start_block={start_block} needs block_inputs, one (T_i, d) tensor per sequence")
-        hidden = torch.zeros(B, T, block_inputs[0].shape[-1], dtype=block_inputs[0].dtype, device=device)  # (B, T, d)
+        device = next(model.parameters()).device
+        lengths = [len(p) + len(c) for p, c in encoded]
+        hidden = torch.zeros(len(encoded), max(lengths), block_inputs[0].shape[-1], dtype=block_inputs[0].dtype,
+                             device=device)  # (B, T, d), right-padded like the token ids
         for b, h in enumerate(block_inputs):
             hidden[b, : lengths[b]] = h.to(device)
         with _enter_at_block(model, start_block, hidden):
-            logits = model(input_ids=ids, attention_mask=attention).logits  # (B, T, V)
+            tokens = batch_token_logprobs(model, encoded, pad_id)
     else:
-        logits = model(input_ids=ids, attention_mask=attention).logits  # (B, T, V)
-    target = scored[:, 1:]  # (B, T-1): position t predicts token t+1
-    picked = logits[:, :-1][target].float()  # (n_scored, V): only the rows we need get a softmax
-    token_logp = picked.log_softmax(-1).gather(1, ids[:, 1:][target][:, None]).squeeze(1)  # (n_scored,)
-    row = torch.arange(B, device=device)[:, None].expand(B, T - 1)[target]  # (n_scored,) which sequence
-    logp = torch.zeros(B, device=device, dtype=token_logp.dtype).index_add(0, row, token_logp)
-    return SequenceLogprobs(logp, target.sum(1))
+        tokens = batch_token_logprobs(model, encoded, pad_id)
+    return SequenceLogprobs(torch.stack([t.sum() for t in tokens]), torch.tensor([len(t) for t in tokens]))
 
 
 def sequence_logprobs(
@@ -317,25 +266,8 @@ def sequence_logprobs(
     chat_template: bool = False,  # Wrap prompts in the tokenizer's chat template
 ) -> SequenceLogprobs:  # (N,) summed log-likelihoods and token counts, on the CPU, float32
     "log pi(completion | prompt) for each pair, summed over the completion's tokens, batch- and padding-invariant."
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    encoded = encode_completions(tokenizer, prompts, completions, chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # less padding
-    logp, n_tok = torch.zeros(len(encoded)), torch.zeros(len(encoded), dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                out = completion_logprobs(model, [encoded[i] for i in idx], pad_id)
-                logp[idx], n_tok[idx] = out.logp.float().cpu(), out.n_tokens.cpu()
-    finally:
-        model.train(was_training)
-    return SequenceLogprobs(logp, n_tok)
+    tokens = token_logprobs(model, tokenizer, prompts, completions, batch_size, chat_template=chat_template)
+    return SequenceLogprobs(torch.stack([t.sum() for t in tokens]), torch.tensor([len(t) for t in tokens]))
 
 # %% ../nbs/19_prefrank.ipynb
 def decoder_block_params(
@@ -377,7 +309,7 @@ def block_inputs(
             raise _Stop
 
         handle = layers[block].register_forward_pre_hook(grab, with_kwargs=True)
-        ids, attention, _, lengths = _padded(chunk, pad_id)
+        ids, attention, _, lengths = right_padded(chunk, pad_id)
         device = next(model.parameters()).device
         try:
             with torch.no_grad():

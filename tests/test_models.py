@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from mdxlib.models import (SHIPPED_LMS, TINY_CONFIGS, LMAdapter, ModelNotAvailableError, adapter, atomic_dir,
-                           attention_heads, byte_tokenizer, capture_residual, ffn_neurons, head_contributions,
-                           hidden_states, last_token_hidden, last_token_index, lm_cache_path, load_image_encoder,
-                           load_lm, load_sentence_embedder, tiny_lm)
+                           attention_heads, batch_token_logprobs, byte_tokenizer, capture_residual, encode_completions,
+                           ffn_neurons, head_contributions, hidden_states, last_token_hidden, last_token_index,
+                           lm_cache_path, load_image_encoder, load_lm, load_sentence_embedder, right_padded, tiny_lm,
+                           token_logprobs)
 
 ARCHS = sorted(TINY_CONFIGS)
 SMOL = "smollm2-135m-instruct"
@@ -426,6 +427,94 @@ def test_smollm2_last_token_padding(smol):
         tok.padding_side = side
     torch.testing.assert_close(left, alone, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(right, alone, atol=1e-4, rtol=1e-4)
+
+
+# ---- scoring completions ----------------------------------------------------------------------------------------
+PROMPTS = ["Q: What is the capital of France?\nA:", "Hi", "A much longer prompt, to force some padding:", "2+2="]
+COMPLETIONS = [" Paris", " there, how are you?", "", " 4"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_token_logprobs_batch_order_and_padding_invariant(arch, tiny):
+    model, tok = tiny[arch]
+    full = token_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=4, empty="eos")
+    assert [len(x) for x in full] == [len(c.encode()) or 1 for c in COMPLETIONS]  # byte tokens; EOS for ""
+    assert all(x.dtype == torch.float32 and (x < 0).all() for x in full)
+    for bs in (1, 3):
+        got = token_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=bs, empty="eos")
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, full))
+    rev = token_logprobs(model, tok, PROMPTS[::-1], COMPLETIONS[::-1], batch_size=2, empty="eos")[::-1]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(rev, full))
+    model.train()  # scored in eval mode (no dropout), and the caller's mode is given back
+    try:
+        assert torch.allclose(token_logprobs(model, tok, PROMPTS[:1], COMPLETIONS[:1])[0], full[0], atol=1e-5)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_token_logprobs_match_a_full_forward_and_exclude_the_prompt(tiny):
+    model, tok = tiny["llama"]
+    got = token_logprobs(model, tok, PROMPTS[:1], COMPLETIONS[:1])[0]
+    ids = tok(PROMPTS[0] + COMPLETIONS[0]).input_ids
+    with torch.no_grad():
+        lp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    n = len(COMPLETIONS[0].encode())
+    torch.testing.assert_close(got, lp[-n:].gather(1, torch.tensor(ids[-n:])[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_encode_completions_options_and_right_padding(tiny):
+    _, tok = tiny["llama"]
+    plain = encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2])
+    assert plain[0] == (tok(PROMPTS[0])["input_ids"], list(COMPLETIONS[0].encode()))
+    assert encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2], add_special_tokens=False)[0][0] == list(PROMPTS[0].encode())
+    chat = encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2], chat_template=True)
+    assert len(chat[0][0]) > len(plain[0][0]) and chat[0][1] == plain[0][1]
+    assert encode_completions(tok, ["x"], [""], empty="eos")[0][1] == [tok.eos_token_id]
+    ids, attn, scored, lengths = right_padded(plain, pad_id=0)
+    assert ids.shape == (2, max(lengths)) and attn.sum(1).tolist() == lengths
+    assert scored.sum(1).tolist() == [len(c) for _, c in plain] and not (scored & ~attn.bool()).any()
+
+
+def test_batch_token_logprobs_is_differentiable(tiny):
+    model, tok = tiny["gpt2"]
+    model.zero_grad()
+    lp = batch_token_logprobs(model, encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2]), tok.pad_token_id)
+    assert [len(x) for x in lp] == [len(c.encode()) for c in COMPLETIONS[:2]] and lp[0].requires_grad
+    lp[0].sum().backward()
+    assert all(p.grad is not None for p in adapter(model).layers[-1].parameters())
+    model.zero_grad()
+
+
+def test_token_logprobs_bad_input(tiny):
+    model, tok = tiny["llama"]
+    with pytest.raises(ValueError, match="pair up"):
+        token_logprobs(model, tok, PROMPTS, COMPLETIONS[:2])
+    with pytest.raises(ValueError, match=r"completions\[2\] is empty"):
+        token_logprobs(model, tok, PROMPTS, COMPLETIONS)
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        token_logprobs(model, tok, [""], ["x"], add_special_tokens=False)
+    with pytest.raises(TypeError, match="prompts"):
+        token_logprobs(model, tok, "a prompt", ["x"])
+    with pytest.raises(ValueError, match="empty"):
+        token_logprobs(model, tok, ["a"], ["x"], empty="skip")
+    with pytest.raises(ValueError, match="batch_size"):
+        token_logprobs(model, tok, ["a"], ["x"], batch_size=0)
+    with pytest.raises(TypeError, match="model"):
+        token_logprobs("gpt2", tok, ["a"], ["x"])
+    with pytest.raises(ValueError, match="are empty"):
+        token_logprobs(model, tok, [], [])
+
+
+def test_smollm2_token_logprobs_chat_and_batching(smol):
+    model, tok = smol
+    prompts = ["What is the capital of France?", "Name a colour."]
+    answers = ["Paris.", "Blue, or maybe green."]
+    both = token_logprobs(model, tok, prompts, answers, batch_size=2, chat_template=True)
+    alone = [token_logprobs(model, tok, [p], [a], chat_template=True)[0] for p, a in zip(prompts, answers)]
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(both, alone))
+    wrong = token_logprobs(model, tok, prompts[:1], ["Berlin."], chat_template=True)[0]
+    assert both[0].sum() > wrong.sum() + 2  # the instruct model knows this one, by a wide margin
 
 
 # ---- encoders ---------------------------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mdxlib.models import encode_completions
 from mdxlib.prefrank import (PAPER_BETAS, PreferencePairs, SequenceLogprobs, block_inputs, completion_logprobs,
-                             decoder_block_params, dpo_loss, encode_completions, flip_threshold, idealized_ranking_accuracy, idealized_ranking_summary, load_capitals,
-                             make_preference_pairs, optimal_log_ratio, ranked_correctly, ranking_accuracy,
-                             ranking_accuracy_listwise, sequence_logprobs, train_dpo)
+                             decoder_block_params, dpo_loss, flip_threshold, idealized_ranking_accuracy,
+                             idealized_ranking_summary, load_capitals, make_preference_pairs, optimal_log_ratio,
+                             ranked_correctly, ranking_accuracy, ranking_accuracy_listwise, sequence_logprobs, train_dpo)
 from mdxlib.train import TrainConfig
 
 
@@ -223,7 +224,7 @@ def test_sequence_logprobs_chat_template_and_mode_restored(lm):
 
 def test_sequence_logprobs_bad_input(lm):
     model, tok = lm
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="pair up"):
         sequence_logprobs(model, tok, PROMPTS, COMPLETIONS[:2])
     with pytest.raises(ValueError, match=r"completions\[1\]"):
         sequence_logprobs(model, tok, ["a", "b"], ["x", ""])

@@ -18,9 +18,8 @@ from ..core import get_device
 
 # %% auto 0
 __all__ = ['TRITON_INTERPRET', 'BACKENDS', 'OPS', 'TOLERANCES', 'SOFTMAX_DTYPES', 'softmax', 'choose_interpret', 'pick_backend',
-           'triton_available', 'KernelOp', 'randn_inputs', 'check_op', 'bench', 'markdown_table', 'softmax_ref',
-           'row_max_sumexp', 'row_block', 'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction', 'softmax_triton',
-           'HAS_TRITON', 'triton', 'tl']
+           'triton_available', 'KernelOp', 'randn_inputs', 'check_op', 'bench', 'softmax_ref', 'row_max_sumexp',
+           'row_block', 'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction', 'softmax_triton', 'HAS_TRITON', 'triton', 'tl']
 
 # %% ../../nbs/05_kernels.ipynb
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -288,17 +287,6 @@ def bench(
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index")
 
-
-def markdown_table(
-    df,  # A pandas DataFrame (e.g. from `bench` or `check_op`)
-    digits: int = 3,  # Significant digits of floats
-) -> str:  # A GitHub-flavoured markdown table (needs no `tabulate`)
-    "Render a small DataFrame as a markdown table."
-    fmt = lambda v: f"{v:.{digits}g}" if isinstance(v, float) else str(v)
-    head = [str(df.index.name or "")] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([fmt(i)] + [fmt(v) for v in row]) + " |" for i, row in zip(df.index, df.itertuples(index=False))]
-    return "\n".join(lines)
 
 # %% ../../nbs/05_kernels.ipynb
 def softmax_ref(
