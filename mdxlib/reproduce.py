@@ -148,7 +148,8 @@ def run_notebooks(
             runs.append(_run_one(w)); bar.update()
     else:
         from concurrent.futures import ThreadPoolExecutor  # each notebook runs in its own kernel process
-        with ThreadPoolExecutor(jobs) as ex:
+        threads = os.environ.get("MDXLIB_THREADS") or max(1, (os.cpu_count() or 1) // jobs)  # share the cores
+        with _env(MDXLIB_THREADS=threads), ThreadPoolExecutor(jobs) as ex:
             for r in ex.map(_run_one, first):
                 runs.append(r); bar.update()
     for w in last:

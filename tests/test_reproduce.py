@@ -134,3 +134,20 @@ def test_keep_outputs_drops_injected_cell_and_refuses_other_scales(tmp_path):
     nbformat.write(nb, executed / "a.ipynb")
     with pytest.raises(ValueError, match="cpu"):
         keep_outputs(executed, nbs=dest)
+
+
+def test_parallel_notebooks_share_the_cores(tmp_path, monkeypatch):
+    "With several notebooks at once, each kernel gets its share of the cores through MDXLIB_THREADS (unless set)."
+    import os
+
+    from mdxlib.reproduce import run_notebooks
+
+    monkeypatch.delenv("MDXLIB_THREADS", raising=False)
+    code = "import os, pathlib\npathlib.Path({!r}).write_text(os.environ.get('MDXLIB_THREADS', 'unset'))"
+    paths = [_nb(tmp_path / f"{i}_t.ipynb", code.format(str(tmp_path / f"{i}.txt"))) for i in range(2)]
+    assert all(r.ok for r in run_notebooks(paths, tmp_path / "out", scale="smoke", jobs=2))
+    assert {(tmp_path / f"{i}.txt").read_text() for i in range(2)} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    assert "MDXLIB_THREADS" not in os.environ  # restored afterwards
+    monkeypatch.setenv("MDXLIB_THREADS", "3")
+    assert all(r.ok for r in run_notebooks(paths, tmp_path / "out", scale="smoke", jobs=2))
+    assert (tmp_path / "0.txt").read_text() == "3"
