@@ -197,9 +197,13 @@ def progress(
     total: int | None = None,  # The length when `iterable` has none
     **kwargs,  # Passed to `tqdm`
 ):
-    "A progress bar (tqdm) that stays quiet in logs: updates at most every 2 s; `MDXLIB_PROGRESS=0` turns it off."
-    from tqdm.auto import tqdm
+    "A tqdm bar that updates at most every 2 s. `MDXLIB_PROGRESS`: `0` off, `text` plain text (no widget), else automatic."
+    mode = os.environ.get("MDXLIB_PROGRESS", "auto")
+    if mode == "text":  # what `mdxlib reproduce` uses: a stored widget shows only its first state in the docs
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
 
     kwargs.setdefault("mininterval", 2.0)
-    kwargs.setdefault("disable", os.environ.get("MDXLIB_PROGRESS", "1") == "0")
+    kwargs.setdefault("disable", mode == "0")
     return tqdm(iterable, desc=desc, total=total, **kwargs)

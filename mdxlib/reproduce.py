@@ -21,9 +21,9 @@ from pathlib import Path
 from .core import SCALES, check_scale, load_results, progress, project_root, results_dir
 
 # %% auto 0
-__all__ = ['PAPERS', 'nbs_dir', 'find_notebooks', 'needs_gpu', 'NotebookRun', 'run_notebook', 'run_notebooks', 'results_frame',
-           'results_markdown', 'papers_table', 'notebook_markdown', 'write_readme', 'build_site', 'keep_outputs',
-           'reproduce', 'main']
+__all__ = ['PAPERS', 'nbs_dir', 'find_notebooks', 'needs_gpu', 'NotebookRun', 'final_stream_text', 'run_notebook',
+           'run_notebooks', 'results_frame', 'results_markdown', 'papers_table', 'notebook_markdown', 'write_readme',
+           'build_site', 'keep_outputs', 'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb
 def nbs_dir() -> Path:
@@ -87,6 +87,22 @@ def _env(**values):
             else: os.environ[k] = v
 
 
+def final_stream_text(
+    path: str | Path,  # An executed notebook, rewritten in place
+) -> bool:  # Whether anything changed
+    "Merge consecutive stream outputs and keep what carriage returns leave (nbconvert's CoalesceStreamsPreprocessor): progress bars show their final state."
+    import nbformat
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    nb = nbformat.read(str(path), as_version=4)
+    before = nbformat.writes(nb)
+    nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
+    changed = nbformat.writes(nb) != before
+    if changed:
+        nbformat.write(nb, str(path))
+    return changed
+
+
 def run_notebook(
     path: str | Path,  # The notebook to run
     out_dir: str | Path,  # Where the executed copy goes
@@ -111,7 +127,9 @@ def run_notebook(
     out = out_dir / path.name
     params = dict(scale=scale) if seed is None else dict(scale=scale, seed=int(seed))
     t0, error = time.perf_counter(), None
-    with _env(MDXLIB_RESULTS=Path(results or results_dir()).resolve(), MDXLIB_PROGRESS=os.environ.get("MDXLIB_PROGRESS")):
+    quiet = dict(MDXLIB_PROGRESS=os.environ.get("MDXLIB_PROGRESS") or "text",  # text bars: their final state is kept
+                 HF_HUB_DISABLE_PROGRESS_BARS=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") or "1")
+    with _env(MDXLIB_RESULTS=Path(results or results_dir()).resolve(), **quiet):
         try:
             pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
                                 progress_bar=False, log_output=False, execution_timeout=cell_timeout)
@@ -119,6 +137,8 @@ def run_notebook(
             error = f"cell In [{e.exec_count}] of the executed copy: {e.ename}: {e.evalue}"
         except Exception as e:  # a dead kernel or a timeout: still a failure of this notebook only
             error = f"{type(e).__name__}: {e}"
+    if out.exists():
+        final_stream_text(out)
     return NotebookRun(path.stem, out, time.perf_counter() - t0, error)
 
 # %% ../nbs/09_reproduce.ipynb

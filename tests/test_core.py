@@ -106,3 +106,12 @@ def test_project_root_is_the_checkout():
 
     root = project_root()
     assert root == Path(__file__).resolve().parent.parent and (root / "settings.ini").exists()
+
+
+def test_progress_text_mode(monkeypatch):
+    import io
+
+    monkeypatch.setenv("MDXLIB_PROGRESS", "text")
+    out = io.StringIO()
+    assert list(progress(range(3), desc="t", file=out, mininterval=0)) == [0, 1, 2]
+    assert "t: 100%" in out.getvalue() and type(progress(range(1), file=out)).__module__ == "tqdm.std"
