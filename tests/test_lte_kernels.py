@@ -58,11 +58,15 @@ def test_triton_matches_reference(B, mask, gate):
     torch.testing.assert_close(sparse_ffn(**args, backend="triton"), sparse_ffn_ref(**args), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or TRITON_INTERPRET, reason="half precision needs a GPU")
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
-def test_triton_half_precision_gpu(dtype, tol):
-    args = make(3, 100, 32, 7, dtype=dtype)
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+@pytest.mark.parametrize("gate", [True, False])
+def test_triton_half_precision(dtype, tol, gate):
+    "fp16/bf16 weights and activations, fp32 accumulation: compiled on a GPU, through the interpreter on a CPU."
+    gpu = torch.cuda.is_available() and not TRITON_INTERPRET
+    if not HAS_TRITON or not (gpu or TRITON_INTERPRET):
+        pytest.skip("Triton kernels cannot run here")
+    args = make(3, 100, 32, 7, dtype=dtype, gate=gate) if gpu else make(3, 40, 16, 3, dtype=dtype, gate=gate)
+    args = {k: v.to("cuda" if gpu else "cpu") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     ref = sparse_ffn_ref(**{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                             for k, v in args.items()})
     torch.testing.assert_close(sparse_ffn_triton(**args).float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
