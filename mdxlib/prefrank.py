@@ -211,6 +211,11 @@ class SequenceLogprobs(NamedTuple):
         "(N,) per-token log-likelihood: the log of the geometric mean that the length-normalised R~ compares."
         return self.logp / self.n_tokens
 
+    @classmethod
+    def from_tokens(cls, tokens: list[torch.Tensor]) -> "SequenceLogprobs":
+        "Sum per-token log-probs (one (n_i,) tensor per completion, as `mdxlib.models.token_logprobs` gives)."
+        return cls(torch.stack([t.sum() for t in tokens]), torch.tensor([len(t) for t in tokens]))
+
 
 @contextmanager
 def _enter_at_block(model: nn.Module, start: int, hidden: torch.Tensor):
@@ -254,7 +259,7 @@ def completion_logprobs(
             tokens = batch_token_logprobs(model, encoded, pad_id)
     else:
         tokens = batch_token_logprobs(model, encoded, pad_id)
-    return SequenceLogprobs(torch.stack([t.sum() for t in tokens]), torch.tensor([len(t) for t in tokens]))
+    return SequenceLogprobs.from_tokens(tokens)
 
 
 def sequence_logprobs(
@@ -267,7 +272,7 @@ def sequence_logprobs(
 ) -> SequenceLogprobs:  # (N,) summed log-likelihoods and token counts, on the CPU, float32
     "log pi(completion | prompt) for each pair, summed over the completion's tokens, batch- and padding-invariant."
     tokens = token_logprobs(model, tokenizer, prompts, completions, batch_size, chat_template=chat_template)
-    return SequenceLogprobs(torch.stack([t.sum() for t in tokens]), torch.tensor([len(t) for t in tokens]))
+    return SequenceLogprobs.from_tokens(tokens)
 
 # %% ../nbs/19_prefrank.ipynb
 def decoder_block_params(

@@ -21,9 +21,9 @@ from pathlib import Path
 from .core import SCALES, check_scale, load_results, progress, project_root, results_dir
 
 # %% auto 0
-__all__ = ['PAPERS', 'nbs_dir', 'find_notebooks', 'needs_gpu', 'NotebookRun', 'final_stream_text', 'run_notebook',
-           'run_notebooks', 'results_frame', 'results_markdown', 'papers_table', 'notebook_markdown', 'write_readme',
-           'build_site', 'keep_outputs', 'reproduce', 'main']
+__all__ = ['PAPERS', 'nbs_dir', 'find_notebooks', 'needs_gpu', 'NotebookRun', 'tidy_outputs', 'run_notebook', 'run_notebooks',
+           'results_frame', 'results_markdown', 'papers_table', 'notebook_markdown', 'write_readme', 'build_site',
+           'keep_outputs', 'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb
 def nbs_dir() -> Path:
@@ -87,16 +87,24 @@ def _env(**values):
             else: os.environ[k] = v
 
 
-def final_stream_text(
+_TQDM_TEXT = re.compile(r"\d+%\|")  # how a tqdm bar's text starts after its label: "label:  42%|"
+
+
+def tidy_outputs(
     path: str | Path,  # An executed notebook, rewritten in place
 ) -> bool:  # Whether anything changed
-    "Merge consecutive stream outputs and keep what carriage returns leave (nbconvert's CoalesceStreamsPreprocessor): progress bars show their final state."
+    "Progress bars in their final state: streams merged, overwritten text dropped (nbconvert), tqdm widgets and widget state removed."
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     nb = nbformat.read(str(path), as_version=4)
     before = nbformat.writes(nb)
     nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
+    for cell in (c for c in nb.cells if c.cell_type == "code"):  # a stored widget has no state: the docs would show "0%"
+        cell.outputs = [o for o in cell.outputs if not (
+            "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+            and _TQDM_TEXT.search(str(o["data"].get("text/plain", ""))))]
+    nb.metadata.pop("widgets", None)  # the saved widget models: bars' last states, a slider's first view (size only)
     changed = nbformat.writes(nb) != before
     if changed:
         nbformat.write(nb, str(path))
@@ -127,9 +135,8 @@ def run_notebook(
     out = out_dir / path.name
     params = dict(scale=scale) if seed is None else dict(scale=scale, seed=int(seed))
     t0, error = time.perf_counter(), None
-    quiet = dict(MDXLIB_PROGRESS=os.environ.get("MDXLIB_PROGRESS") or "text",  # text bars: their final state is kept
-                 HF_HUB_DISABLE_PROGRESS_BARS=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") or "1")
-    with _env(MDXLIB_RESULTS=Path(results or results_dir()).resolve(), **quiet):
+    text_bars = os.environ.get("MDXLIB_PROGRESS") or "text"  # mdxlib's bars as text: their final state is kept
+    with _env(MDXLIB_RESULTS=Path(results or results_dir()).resolve(), MDXLIB_PROGRESS=text_bars):
         try:
             pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
                                 progress_bar=False, log_output=False, execution_timeout=cell_timeout)
@@ -138,7 +145,7 @@ def run_notebook(
         except Exception as e:  # a dead kernel or a timeout: still a failure of this notebook only
             error = f"{type(e).__name__}: {e}"
     if out.exists():
-        final_stream_text(out)
+        tidy_outputs(out)
     return NotebookRun(path.stem, out, time.perf_counter() - t0, error)
 
 # %% ../nbs/09_reproduce.ipynb

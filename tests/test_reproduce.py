@@ -153,22 +153,29 @@ def test_parallel_notebooks_share_the_cores(tmp_path, monkeypatch):
     assert (tmp_path / "0.txt").read_text() == "3"
 
 
-def test_final_stream_text_keeps_the_last_state_of_progress_bars(tmp_path, monkeypatch):
-    from mdxlib.reproduce import final_stream_text, run_notebook
+def test_tidy_outputs_keeps_the_last_state_of_progress_bars(tmp_path, monkeypatch):
+    from mdxlib.reproduce import run_notebook, tidy_outputs
 
     monkeypatch.delenv("MDXLIB_PROGRESS", raising=False)  # the tests turn bars off; this one wants the default
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[
         nbformat.v4.new_output("stream", name="stderr", text="x:   0%| | 0/3"),
         nbformat.v4.new_output("stream", name="stderr", text="\rx:  33%|#| 1/3\rx: 100%|###| 3/3\n"),
-        nbformat.v4.new_output("stream", name="stdout", text="plain\nlines\n")])])
+        nbformat.v4.new_output("stream", name="stdout", text="plain\nlines\n"),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "a"},
+                                                     "text/plain": "Loading weights:   0%|   | 0/272"}),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "b"},
+                                                     "text/plain": "IntSlider(value=0)"})])])
     nbformat.write(nb, tmp_path / "a.ipynb")
-    assert final_stream_text(tmp_path / "a.ipynb") and not final_stream_text(tmp_path / "a.ipynb")
+    assert tidy_outputs(tmp_path / "a.ipynb") and not tidy_outputs(tmp_path / "a.ipynb")
     outs = nbformat.read(tmp_path / "a.ipynb", as_version=4).cells[0].outputs
-    assert [o.text for o in outs] == ["x: 100%|###| 3/3\n", "plain\nlines\n"]
+    assert [o.get("text") for o in outs[:2]] == ["x: 100%|###| 3/3\n", "plain\nlines\n"]
+    assert len(outs) == 3 and outs[2].data["text/plain"] == "IntSlider(value=0)"  # a tqdm widget goes, others stay
     # a real run: the library's bars are plain text in the executed copy, with only their final state
-    code = "from mdxlib.core import progress\nfor _ in progress(range(3), desc='loop', mininterval=0): pass"
+    code = ("from mdxlib.core import progress\nfrom tqdm.auto import tqdm\n"
+            "for _ in progress(range(3), desc='loop', mininterval=0): pass\nfor _ in tqdm(range(3), desc='other'): pass")
     run = run_notebook(_nb(tmp_path / "b.ipynb", code), tmp_path / "out", scale="smoke", results=tmp_path / "res")
     outs = [o for c in nbformat.read(str(run.output), as_version=4).cells for o in c.outputs]
     text = "".join(o.get("text", "") for o in outs)
     assert run.ok and "loop: 100%" in text and "\r" not in text and "0%" not in text.replace("100%", "")
+    assert "other" not in text  # other libraries' bars are widgets in a kernel: removed from executed copies
