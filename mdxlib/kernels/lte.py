@@ -98,9 +98,9 @@ def sparse_ffn_torch(
     act: str = "silu",  # A key of `ACTS`
     b_up: torch.Tensor | None = None,  # (d_ff,) up/fc bias
     b_down: torch.Tensor | None = None,  # (d,) down bias
-    gather_per_run: int = 32768,  # Copy (index_select) instead when the active weights per run are fewer elements
+    gather_per_run: int = 0,  # Gather (index_select) instead when the active weights per run are fewer elements
 ) -> torch.Tensor:  # (B, d), equal to `sparse_ffn_ref`
-    "The sparse FFN over views of the contiguous runs of the union of active experts (a gather when runs are tiny)."
+    "The sparse FFN over views of the contiguous runs of the union of active experts (or one gather, on request)."
     _check_ffn_args(x, w_gate, w_up, w_down, active, expert_size, act, b_up, b_down)
     f = ACTS[act]
     out = None  # (B, d), allocated by the first product
