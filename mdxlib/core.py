@@ -11,14 +11,15 @@ import math
 import os
 import platform
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 # %% auto 0
-__all__ = ['SCALES', 'check_scale', 'by_scale', 'seed_everything', 'get_device', 'set_threads', 'project_root', 'data_dir',
-           'results_dir', 'Results', 'load_results', 'set_style', 'progress']
+__all__ = ['SCALES', 'check_scale', 'by_scale', 'seed_everything', 'get_device', 'set_threads', 'evaluating', 'project_root',
+           'data_dir', 'results_dir', 'Results', 'load_results', 'set_style', 'progress']
 
 # %% ../nbs/00_core.ipynb
 SCALES = ("smoke", "cpu", "full")
@@ -82,6 +83,20 @@ def set_threads(
         raise ValueError(f"n (threads) must be a positive integer; got {n!r}")
     torch.set_num_threads(n)
     return torch.get_num_threads()
+
+# %% ../nbs/00_core.ipynb
+@contextmanager
+def evaluating(
+    model: torch.nn.Module,  # Put in eval mode (no dropout) inside the block
+):
+    "Run the block in eval mode without gradients; the model's train/eval mode comes back afterwards, even on error."
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 # %% ../nbs/00_core.ipynb
 def project_root() -> Path | None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import evaluating
 from .data import random_batches
 from .kernels.lte import ACTS, sparse_ffn
 from .models import adapter
@@ -392,15 +393,11 @@ def evaluate_lm(
     batches: Iterable,  # (B, T) token tensors or dicts of model kwargs with `labels`
 ) -> dict[str, float]:  # {"loss": nats per predicted token, "ppl": perplexity}
     "Token-weighted next-token loss and perplexity over `batches` (no grad, eval mode restored after)."
-    was, total, n = model.training, 0.0, 0
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                k = _n_targets(batch)
-                total, n = total + _task_loss(model, batch).item() * k, n + k
-    finally:
-        model.train(was)
+    total, n = 0.0, 0
+    with evaluating(model):
+        for batch in batches:
+            k = _n_targets(batch)
+            total, n = total + _task_loss(model, batch).item() * k, n + k
     if n == 0:
         raise ValueError("batches is empty")
     return dict(loss=total / n, ppl=math.exp(total / n))
@@ -441,24 +438,19 @@ def sparsity_report(
         raise ValueError("model has no LTE layers: convert it with to_lte first")
     off = {i: 0.0 for i in layers}
     scores = {i: [] for i in layers}
-    total, n_tok, nll, n_tgt = 0, 0, 0.0, 0
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in data:
-                k = _n_targets(batch)
-                nll, n_tgt = nll + _task_loss(model, batch).item() * k, n_tgt + k
-                for i, m in layers.items():
-                    if m.last_active is None:
-                        continue  # dense mode: nothing off
-                    a = m.last_active.reshape(-1, m.n_experts)
-                    off[i] += (1 - a.float().mean(-1)).sum().item()
-                    if keep_scores and m.last_scores is not None:
-                        scores[i].append(m.last_scores.detach().float().flatten().cpu())
-                n_tok += (batch if isinstance(batch, torch.Tensor) else batch["labels"]).numel()
-    finally:
-        model.train(was)
+    n_tok, nll, n_tgt = 0, 0.0, 0
+    with evaluating(model):
+        for batch in data:
+            k = _n_targets(batch)
+            nll, n_tgt = nll + _task_loss(model, batch).item() * k, n_tgt + k
+            for i, m in layers.items():
+                if m.last_active is None:
+                    continue  # dense mode: nothing off
+                a = m.last_active.reshape(-1, m.n_experts)
+                off[i] += (1 - a.float().mean(-1)).sum().item()
+                if keep_scores and m.last_scores is not None:
+                    scores[i].append(m.last_scores.detach().float().flatten().cpu())
+            n_tok += (batch if isinstance(batch, torch.Tensor) else batch["labels"]).numel()
     if n_tok == 0:
         raise ValueError("data is empty")
     per_layer = {i: off[i] / n_tok for i in layers}

@@ -194,26 +194,27 @@ def format_mean_std(
 LN2 = math.log(2)
 
 
+def _quantity(value, name: str):
+    "A number, array or tensor as given (a list becomes an array), or a TypeError naming `name`."
+    if isinstance(value, (list, tuple)):
+        value = as_array(value, name)
+    if not isinstance(value, (int, float, np.number, np.ndarray, torch.Tensor)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, array or tensor; got {type(value).__name__}")
+    return value
+
+
 def nats_to_bits(
     nats,  # A number, numpy array or torch tensor, in nats
 ):  # The same kind of object, in bits
     "Convert nats to bits: divide by ln 2."
-    if isinstance(nats, (list, tuple)):
-        nats = as_array(nats, "nats")
-    if not isinstance(nats, (int, float, np.number, np.ndarray, torch.Tensor)) or isinstance(nats, bool):
-        raise TypeError(f"nats must be a number, array or tensor; got {type(nats).__name__}")
-    return nats / LN2
+    return _quantity(nats, "nats") / LN2
 
 
 def bits_to_nats(
     bits,  # A number, numpy array or torch tensor, in bits
 ):  # The same kind of object, in nats
     "Convert bits to nats: multiply by ln 2."
-    if isinstance(bits, (list, tuple)):
-        bits = as_array(bits, "bits")
-    if not isinstance(bits, (int, float, np.number, np.ndarray, torch.Tensor)) or isinstance(bits, bool):
-        raise TypeError(f"bits must be a number, array or tensor; got {type(bits).__name__}")
-    return bits * LN2
+    return _quantity(bits, "bits") * LN2
 
 
 def _finite_number(x, name: str) -> float:

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import get_device
+from .core import evaluating, get_device
 
 # %% auto 0
 __all__ = ['SHIPPED_LMS', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'LLAMA_STYLE', 'cache_dir', 'lm_cache_path', 'atomic_dir',
            'ModelNotAvailableError', 'load_lm', 'byte_tokenizer', 'tiny_lm', 'LMAdapter', 'adapter', 'capture_residual',
-           'hidden_states', 'last_token_index', 'last_token_hidden', 'encode_completions', 'right_padded',
+           'hidden_states', 'last_token_index', 'last_token_hidden', 'encode_completions', 'padding_id', 'right_padded',
            'batch_token_logprobs', 'token_logprobs', 'ffn_neurons', 'attention_heads', 'head_contributions',
            'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder', 'load_image_encoder']
 
@@ -475,6 +475,15 @@ def encode_completions(
     return out
 
 
+def padding_id(
+    tokenizer,  # A `transformers` tokenizer
+) -> int:  # Its pad token id, else its eos token id, else 0 (never attended to, never scored)
+    "The id to write in right padding."
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
 def right_padded(
     encoded: list[tuple[list[int], list[int]]],  # From `encode_completions`
     pad_id: int = 0,  # Id written in the padding (never attended to, never scored)
@@ -521,19 +530,14 @@ def token_logprobs(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
     encoded = encode_completions(tokenizer, prompts, completions, **encode_kw)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = padding_id(tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # less padding
     out: list[torch.Tensor | None] = [None] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                for i, lp in zip(idx, batch_token_logprobs(model, [encoded[i] for i in idx], pad_id)):
-                    out[i] = lp.cpu()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            for i, lp in zip(idx, batch_token_logprobs(model, [encoded[i] for i in idx], pad_id)):
+                out[i] = lp.cpu()
     return out
 
 # %% ../nbs/02_models.ipynb

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import data_dir
-from .models import adapter, batch_token_logprobs, encode_completions, right_padded, token_logprobs
+from .core import data_dir, evaluating
+from .models import adapter, batch_token_logprobs, encode_completions, padding_id, right_padded, token_logprobs
 from .train import History, TrainConfig, train
 
 # %% auto 0
@@ -436,29 +436,23 @@ def train_dpo(
         raise ValueError("give params or train_blocks, not both")
     enc_c = encode_completions(tokenizer, pairs.prompts, pairs.chosen, chat_template)
     enc_r = encode_completions(tokenizer, pairs.prompts, pairs.rejected, chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = padding_id(tokenizer)
     first, cache = 0, {}
     if train_blocks is not None:
         params = decoder_block_params(policy, train_blocks)  # validates train_blocks
         first = _n_blocks(policy) - train_blocks
-        was = policy.training
-        policy.eval()
-        cache = {id(enc_c): block_inputs(policy, enc_c, first, pad_id), id(enc_r): block_inputs(policy, enc_r, first, pad_id)}
-        policy.train(was)
+        with evaluating(policy):
+            cache = {id(enc_c): block_inputs(policy, enc_c, first, pad_id), id(enc_r): block_inputs(policy, enc_r, first, pad_id)}
 
     def logprobs(model, enc, idx):  # differentiable log-likelihoods of the sequences enc[idx] under `model`
         hidden = [cache[id(enc)][i] for i in idx] if first else None
         return completion_logprobs(model, [enc[i] for i in idx], pad_id, first, hidden).logp
 
     def score(model, own=True):  # (pol_c, pol_r) of every pair, float64 on the CPU
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            out = [torch.cat([(logprobs(model, enc, range(i, min(i + batch_size, len(enc)))) if own else
-                               completion_logprobs(model, enc[i : i + batch_size], pad_id).logp).double().cpu()
-                              for i in range(0, len(enc), batch_size)]) for enc in (enc_c, enc_r)]
-        model.train(was)
-        return out
+        with evaluating(model):
+            return [torch.cat([(logprobs(model, enc, range(i, min(i + batch_size, len(enc)))) if own else
+                                completion_logprobs(model, enc[i : i + batch_size], pad_id).logp).double().cpu()
+                               for i in range(0, len(enc), batch_size)]) for enc in (enc_c, enc_r)]
 
     if ref is None or isinstance(ref, nn.Module):
         ref_c, ref_r = score(policy) if ref is None else score(ref, own=False)

@@ -21,7 +21,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .core import get_device, progress, seed_everything
+from .core import evaluating, get_device, progress, seed_everything
 
 # %% auto 0
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'TrainConfig', 'param_groups', 'make_scheduler', 'History', 'latest_checkpoint',
@@ -265,16 +265,14 @@ def _as_metrics(out, step: int) -> dict:
 
 def _evaluate(eval_fn, model: nn.Module, ema: AveragedModel | None, step: int) -> dict:
     "Run `eval_fn` on the model (and the EMA model) without touching the training's random state."
-    saved, was_training = _rng_state(None), model.training
+    saved = _rng_state(None)
     try:
-        with torch.no_grad():
-            model.eval()
+        with evaluating(model):
             record = {"step": step, **_as_metrics(eval_fn(model), step)}
             if ema is not None:
                 ema.module.eval()
                 record.update({f"ema_{k}": v for k, v in _as_metrics(eval_fn(ema.module), step).items()})
     finally:
-        model.train(was_training)
         _set_rng_state(saved, None)
     return record
 

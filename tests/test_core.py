@@ -115,3 +115,24 @@ def test_progress_text_mode(monkeypatch):
     out = io.StringIO()
     assert list(progress(range(3), desc="t", file=out, mininterval=0)) == [0, 1, 2]
     assert "t: 100%" in out.getvalue() and type(progress(range(1), file=out)).__module__ == "tqdm.std"
+
+
+def test_evaluating_restores_the_mode_and_turns_off_gradients():
+    import torch
+
+    from mdxlib.core import evaluating
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.9)).train()
+    with evaluating(net) as m:
+        assert m is net and not net.training and not torch.is_grad_enabled()
+        x = torch.ones(4, 2)
+        assert torch.equal(net(x), net(x))
+    assert net.training and torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with evaluating(net):
+            raise RuntimeError("boom")
+    assert net.training
+    net.eval()
+    with evaluating(net):
+        pass
+    assert not net.training

@@ -10,7 +10,7 @@ import torch
 from mdxlib.models import (SHIPPED_LMS, TINY_CONFIGS, LMAdapter, ModelNotAvailableError, adapter, atomic_dir,
                            attention_heads, batch_token_logprobs, byte_tokenizer, capture_residual, encode_completions,
                            ffn_neurons, head_contributions, hidden_states, last_token_hidden, last_token_index,
-                           lm_cache_path, load_image_encoder, load_lm, load_sentence_embedder, right_padded, tiny_lm,
+                           lm_cache_path, load_image_encoder, load_lm, load_sentence_embedder, padding_id, right_padded, tiny_lm,
                            token_logprobs)
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -471,6 +471,10 @@ def test_encode_completions_options_and_right_padding(tiny):
     chat = encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2], chat_template=True)
     assert len(chat[0][0]) > len(plain[0][0]) and chat[0][1] == plain[0][1]
     assert encode_completions(tok, ["x"], [""], empty="eos")[0][1] == [tok.eos_token_id]
+    assert padding_id(tok) == tok.pad_token_id
+    from types import SimpleNamespace
+    assert padding_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    assert padding_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
     ids, attn, scored, lengths = right_padded(plain, pad_id=0)
     assert ids.shape == (2, max(lengths)) and attn.sum(1).tolist() == lengths
     assert scored.sum(1).tolist() == [len(c) for _, c in plain] and not (scored & ~attn.bool()).any()
