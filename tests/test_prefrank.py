@@ -361,3 +361,8 @@ def test_train_dpo_cached_blocks_equal_plain_subset():
     b = train_dpo(m2, None, pairs, 0.5, tok, cfg, params=decoder_block_params(m2, 1), batch_size=3)
     assert torch.allclose(a.pol_c, b.pol_c, atol=1e-4) and torch.allclose(a.pol_r, b.pol_r, atol=1e-4)
     assert not torch.allclose(a.pol_c, a.ref_c)
+
+
+def test_sequence_logprobs_from_tokens():
+    s = SequenceLogprobs.from_tokens([torch.tensor([-1.0, -2.0]), torch.tensor([-3.0])])
+    assert s.logp.tolist() == [-3.0, -3.0] and s.n_tokens.tolist() == [2, 1] and s.mean.tolist() == [-1.5, -3.0]
