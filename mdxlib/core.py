@@ -182,6 +182,24 @@ class Results:
         tmp.replace(self.path)
         return self.path
 
+    def comparison(
+        self,
+        paper_only: bool = True,  # Only the metrics that have a paper value
+        digits: int = 4,  # Significant digits shown
+    ):  # pandas DataFrame: metric, ours, paper, unit, setting
+        "The logged metrics beside the paper's numbers, rounded for reading: the notebook's results table."
+        import pandas as pd
+
+        fmt = lambda v: "" if v is None else f"{v:.{digits}g}"
+        rows = [dict(metric=k, ours=fmt(m["value"]), paper=fmt(m["paper"]), unit=m["unit"], setting=m["setting"])
+                for k, m in self.metrics.items() if m["paper"] is not None or not paper_only]
+        return pd.DataFrame(rows, columns=["metric", "ours", "paper", "unit", "setting"])
+
+    def _repr_markdown_(self):
+        table = self.comparison(paper_only=False)
+        head = f"**{self.notebook}** at `{self.scale}` scale, seed {self.seed}\n\n"
+        return head + (table.to_markdown(index=False) if len(table) else "_no metrics logged yet_")
+
     def __repr__(self):
         return f"Results({self.notebook!r}, scale={self.scale!r}, seed={self.seed}, {len(self.metrics)} metrics → {self.path})"
 
