@@ -40,7 +40,13 @@ def _run(code: str, fake_gpu: bool = False, block_triton: bool = False, **env) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-STATE = "print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ['TRITON_INTERPRET'], has=K.HAS_TRITON)))"
+STATE = """
+import subprocess, sys
+child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('TRITON_INTERPRET'))"],
+                       capture_output=True, text=True).stdout.strip()
+print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ.get('TRITON_INTERPRET'), has=K.HAS_TRITON,
+                      knob=K.triton.knobs.runtime.interpret, child=child)))
+"""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the automatic choice on a machine without GPU")
@@ -48,19 +54,28 @@ def test_interpret_on_automatically_without_gpu_and_kernels_launch():
     out = _run("""
         x = torch.randn(2, 7)
         err = (K.softmax(x, backend="triton") - K.softmax_ref(x)).abs().max().item()
-        print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ['TRITON_INTERPRET'], err=err)))
+        print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ.get('TRITON_INTERPRET'), err=err)))
     """)
-    assert out["interp"] is True and out["env"] == "1" and out["err"] < 1e-6
+    assert out["interp"] is True and out["env"] is None and out["err"] < 1e-6  # on, without touching the environment
 
 
 def test_interpret_never_automatic_on_gpu_machine():
     out = _run(STATE, fake_gpu=True)
-    assert out["interp"] is False and out["env"] == "0"
+    assert out["interp"] is False and out["knob"] is False and out["env"] is None
 
 
 def test_interpret_override_on_even_with_gpu():
     out = _run(STATE, fake_gpu=True, MDXLIB_TRITON_INTERPRET="1")
-    assert out["interp"] is True and out["env"] == "1"
+    assert out["interp"] is True and out["knob"] is True and out["env"] is None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the interpreter switch exists only with triton")
+def test_interpret_choice_does_not_leak_to_child_processes():
+    out = _run(STATE, MDXLIB_TRITON_INTERPRET="1")  # the process interprets; a child started after the import...
+    assert out["interp"] is True and out["knob"] is True
+    assert out["env"] is None and out["child"] == "None"  # ...does not inherit TRITON_INTERPRET
+    out = _run(STATE, MDXLIB_TRITON_INTERPRET="1", TRITON_INTERPRET="0")  # a user's own value is kept as it was
+    assert out["interp"] is True and out["env"] == "0" and out["child"] == "0"
 
 
 def test_interpret_override_off_on_cpu():
@@ -71,9 +86,10 @@ def test_interpret_override_off_on_cpu():
         except RuntimeError as e:
             msg = str(e)
         auto_ok = torch.allclose(K.softmax(x), K.softmax_ref(x))  # auto still takes torch
-        print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ['TRITON_INTERPRET'], msg=msg, auto_ok=auto_ok)))
+        print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ.get('TRITON_INTERPRET'), msg=msg,
+                              auto_ok=auto_ok)))
     """, MDXLIB_TRITON_INTERPRET="0", TRITON_INTERPRET="1")
-    assert out["interp"] is False and out["env"] == "0" and out["auto_ok"]
+    assert out["interp"] is False and out["env"] == "1" and out["auto_ok"]  # the user's variable is left alone
     assert "MDXLIB_TRITON_INTERPRET=1" in out["msg"]
 
 
@@ -239,10 +255,26 @@ def test_bench_returns_a_table():
     a = torch.randn(32, 32)
     table = bench({"add": lambda: a + a, "mul": lambda: a * a}, n_bytes=3 * a.numel() * 4, warmup=1, repeats=3, number=2)
     assert list(table.index) == ["add", "mul"]
-    assert {"time_us", "q20_us", "q80_us", "GB/s"} <= set(table.columns)
+    assert {"time_us", "min_us", "q25_us", "q75_us", "max_us", "samples", "GB/s"} <= set(table.columns)
     assert ("peak_MB" in table.columns) == torch.cuda.is_available()
-    assert (table["time_us"] > 0).all() and (table["q20_us"] <= table["q80_us"]).all()
+    assert (table["time_us"] > 0).all() and (table["min_us"] <= table["time_us"]).all()
+    assert (table["time_us"] <= table["max_us"]).all() and (table["samples"] == 3).all()
     assert "GB/s" not in bench({"add": lambda: a + a}, repeats=1, device="cpu").columns
+
+
+def test_bench_interleaves_over_inputs():
+    order, made = [], []
+
+    def setup(i):
+        made.append(i)
+        return {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+
+    table = bench(setup, inputs=8, repeats=2, warmup=0, n_bytes={"a": 1e3}, device="cpu")
+    assert made == list(range(8)) and (table["samples"] == 16).all()
+    assert order[:4] == ["a", "b", "b", "a"]  # A B, then B A: the order rotates from round to round
+    assert math.isnan(table.loc["b", "GB/s"]) and table.loc["a", "GB/s"] > 0
+    with pytest.raises(ValueError, match="setup"):
+        bench(lambda i: {"a": int} if i == 0 else {"c": int}, inputs=2, repeats=1, device="cpu")
 
 
 def test_bench_bad_arguments():
@@ -250,7 +282,7 @@ def test_bench_bad_arguments():
         bench({})
     with pytest.raises(TypeError, match="fns"):
         bench({"x": 3})
-    for kw in (dict(repeats=0), dict(warmup=-1), dict(number=1.5)):
+    for kw in (dict(repeats=0), dict(warmup=-1), dict(number=1.5), dict(inputs=0)):
         with pytest.raises(ValueError, match=next(iter(kw))):
             bench({"x": lambda: None}, **kw)
 

@@ -17,9 +17,10 @@ import torch
 from ..core import get_device
 
 # %% auto 0
-__all__ = ['TRITON_INTERPRET', 'BACKENDS', 'OPS', 'TOLERANCES', 'SOFTMAX_DTYPES', 'softmax', 'choose_interpret', 'pick_backend',
-           'triton_available', 'KernelOp', 'randn_inputs', 'check_op', 'bench', 'softmax_ref', 'row_max_sumexp',
-           'row_block', 'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction', 'softmax_triton', 'HAS_TRITON', 'triton', 'tl']
+__all__ = ['TRITON_INTERPRET', 'triton', 'tl', 'HAS_TRITON', 'BACKENDS', 'OPS', 'TOLERANCES', 'SOFTMAX_DTYPES', 'softmax',
+           'choose_interpret', 'pick_backend', 'triton_available', 'KernelOp', 'randn_inputs', 'check_op', 'bench',
+           'softmax_ref', 'row_max_sumexp', 'row_block', 'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction',
+           'softmax_triton']
 
 # %% ../../nbs/05_kernels.ipynb
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -62,16 +63,29 @@ class _MissingKernel:
                            "(pip install triton, Linux only); use backend='torch'")
 
 
+def _import_triton(interpret: bool):
+    "Import Triton with its interpreter on or off, leaving `os.environ` as it was: (triton, tl, HAS_TRITON)."
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"  # read once, while triton.language is decorated
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return _TritonMissing(), _TritonMissing(), False
+    finally:
+        if saved is None: os.environ.pop("TRITON_INTERPRET", None)
+        else: os.environ["TRITON_INTERPRET"] = saved
+    if hasattr(triton, "knobs"):  # Triton >= 3.4 reads this knob at each `@triton.jit`: set it without its env echo
+        propagate, triton.knobs.propagate_env = triton.knobs.propagate_env, False
+        try:
+            triton.knobs.runtime.interpret = interpret
+        finally:
+            triton.knobs.propagate_env = propagate
+    return triton, tl, True
+
+
 TRITON_INTERPRET: bool = choose_interpret(os.environ, torch.cuda.is_available())
-os.environ["TRITON_INTERPRET"] = "1" if TRITON_INTERPRET else "0"  # before the first `import triton`
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON: bool = True
-except ImportError:
-    triton, tl, HAS_TRITON = _TritonMissing(), _TritonMissing(), False
-if HAS_TRITON and hasattr(triton, "knobs"):
-    triton.knobs.runtime.interpret = TRITON_INTERPRET
+triton, tl, HAS_TRITON = _import_triton(TRITON_INTERPRET)
 _all_ = ["HAS_TRITON", "triton", "tl"]
 
 # %% ../../nbs/05_kernels.ipynb
@@ -236,57 +250,97 @@ def check_op(
     return pd.DataFrame(rows)
 
 # %% ../../nbs/05_kernels.ipynb
-def _time_cpu(fn: Callable, warmup: int, repeats: int, number: int, sync: Callable) -> list[float]:
-    "Seconds per call of `fn`, one value per repeat."
-    for _ in range(warmup): fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+_STATS = ("time_us", "min_us", "q25_us", "q75_us", "max_us")
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor | None:
+    "A 256 MB buffer whose zeroing evicts the GPU's L2 cache between samples (None on CPU)."
+    return torch.empty(2**26, dtype=torch.int32, device=device) if device.type == "cuda" else None
+
+
+def _sample(fn: Callable, number: int, cuda: bool, flush: torch.Tensor | None) -> float:
+    "Seconds per call of `fn` over `number` back-to-back calls: CUDA events on a GPU, a CPU timer elsewhere."
+    if flush is not None:
+        flush.zero_()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(number): fn()
-        sync()
-        times.append((time.perf_counter() - t0) / number)
-    return times
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / number
+    t0 = time.perf_counter()
+    for _ in range(number): fn()
+    return (time.perf_counter() - t0) / number
+
+
+def _peak_mb(fn: Callable, device: torch.device) -> float:
+    "MB that one call of `fn` allocates above what was allocated before it (CUDA's peak counter)."
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def bench(
-    fns: Mapping[str, Callable[[], object]],  # name → a zero-argument call to time
+    fns: Mapping[str, Callable] | Callable[[int], Mapping[str, Callable]],  # name → zero-argument call; or
+    # `setup(i)` → such a mapping for the i-th random input (e.g. a fresh mask), called for i < `inputs`
     device: str | torch.device | None = None,  # Where the calls run; default `get_device()`
-    n_bytes: int | None = None,  # Bytes one call reads and writes: adds a GB/s column
-    warmup: int = 3,  # Untimed calls first (CPU timer; `do_bench` warms up for 25 ms)
-    repeats: int = 10,  # Timed repeats (CPU timer; `do_bench` repeats for 100 ms)
-    number: int = 1,  # Calls per timed repeat (CPU timer): raise it for calls of a few µs
-):  # A pandas DataFrame indexed by name: time_us (median), q20_us, q80_us[, GB/s][, peak_MB]
-    "Time each call (`do_bench` on GPU, a CPU timer otherwise) and tabulate median time, GB/s and GPU peak memory."
+    n_bytes: float | Mapping[str, float] | None = None,  # Bytes one call must move (per name, or one for all): GB/s
+    warmup: int = 2,  # Untimed calls of each name per input (compilation, caches, autotuning)
+    repeats: int = 10,  # Timed rounds per input; each round times every name once, in rotating order
+    number: int = 1,  # Calls per timed sample: raise it for calls of a few µs
+    inputs: int = 1,  # Inputs `setup` is called for (a mapping is one input)
+    flush: bool = True,  # On a GPU, zero a 256 MB buffer before each sample so every sample starts with a cold L2
+):  # A pandas DataFrame indexed by name: time_us (median), min/q25/q75/max_us, samples[, GB/s][, peak_MB]
+    "Time calls interleaved (A B C, B C A, ...) over repeats and random inputs: median, spread, GB/s, GPU peak memory."
     import pandas as pd
 
-    if not fns or not all(callable(f) for f in fns.values()):
-        raise TypeError("fns must be a non-empty mapping of names to zero-argument callables")
-    for arg, v in dict(warmup=warmup, repeats=repeats, number=number).items():
+    for arg, v in dict(warmup=warmup, repeats=repeats, number=number, inputs=inputs).items():
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if arg == "warmup" else 1):
             raise ValueError(f"{arg} must be an integer >= {0 if arg == 'warmup' else 1}; got {v!r}")
+    setup = fns if callable(fns) and not isinstance(fns, Mapping) else None
+    if setup is None:
+        if not isinstance(fns, Mapping) or not fns or not all(callable(f) for f in fns.values()):
+            raise TypeError("fns must be a non-empty mapping of names to zero-argument callables, or setup(i)")
+        inputs = 1
     device = get_device(device)
     cuda = device.type == "cuda"
-    rows = {}
-    for name, fn in fns.items():
-        if cuda and HAS_TRITON and not TRITON_INTERPRET:
-            q50, q20, q80 = (t * 1e3 for t in triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))  # ms → µs
-        else:
-            sync = torch.cuda.synchronize if cuda else (lambda: None)
-            times = [t * 1e6 for t in _time_cpu(fn, warmup, repeats, number, sync)]
-            q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-            q50, q20, q80 = statistics.median(times), q[0], q[3]
-        row = dict(time_us=q50, q20_us=q20, q80_us=q80)
-        if n_bytes is not None:
-            row["GB/s"] = n_bytes / (q50 * 1e-6) / 1e9
+    buffer = _flush_buffer(device) if flush else None
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, float] = {}
+    for i in range(inputs):
+        calls = setup(i) if setup is not None else fns
+        if not isinstance(calls, Mapping) or not calls or not all(callable(f) for f in calls.values()):
+            raise TypeError(f"setup({i}) must return a non-empty mapping of names to zero-argument callables")
+        names = list(calls)
+        if times and names != list(times):
+            raise ValueError(f"setup({i}) returned names {names}, setup(0) returned {list(times)}")
+        for name in names:
+            times.setdefault(name, [])
+            for _ in range(warmup): calls[name]()
         if cuda:
-            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            fn(); torch.cuda.synchronize()
-            row["peak_MB"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            torch.cuda.synchronize(device)
+            for name in names:
+                if name not in peaks: peaks[name] = _peak_mb(calls[name], device)
+        for r in range(repeats):
+            shift = (r + i) % len(names)  # rotate the order: no name always runs first (or after the same one)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(_sample(calls[name], number, cuda, buffer) * 1e6)
+    rows = {}
+    for name, ts in times.items():
+        q25, q50, q75 = (statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else ts * 3)
+        row = dict(time_us=statistics.median(ts), min_us=min(ts), q25_us=q25, q75_us=q75, max_us=max(ts),
+                   samples=len(ts))
+        if n_bytes is not None:
+            nb = n_bytes.get(name) if isinstance(n_bytes, Mapping) else n_bytes
+            row["GB/s"] = math.nan if nb is None else nb / (row["time_us"] * 1e-6) / 1e9
+        if cuda:
+            row["peak_MB"] = peaks[name]
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index")
-
 
 # %% ../../nbs/05_kernels.ipynb
 def softmax_ref(
