@@ -436,6 +436,12 @@ def main(
     d = sub.add_parser("docs", help="build the site offline into _docs/ (executed notebooks from --executed when given)")
     d.add_argument("--executed", type=Path, help="folder of executed notebooks, e.g. _reproduce/cpu")
     sub.add_parser("readme", help="write README.md from nbs/index.ipynb")
+    b = sub.add_parser("bench", help="check every Triton kernel against its torch reference and benchmark it",
+                       description="Check each kernel (odd shapes, fp32/fp16/bf16, outputs and gradients) and time it "
+                                   "against torch, interleaved over random inputs; write a JSON and a Markdown table.")
+    b.add_argument("--only", nargs="+", metavar="NAME", help="kernels to run, e.g. masked_ce sparse_ffn (default: all)")
+    b.add_argument("--quick", action="store_true", help="fewer rounds; on CPU the smallest sizes (about a minute)")
+    b.add_argument("--out", type=Path, help="JSON file (the .md goes beside it); default _bench/bench-<device>.json")
     a = p.parse_args(argv)
     if a.command == "reproduce":
         return reproduce(a.scale, a.only, a.out, a.jobs, a.seed, site=not a.no_site, inplace=a.inplace)
@@ -445,4 +451,7 @@ def main(
         print(f"{build_site(executed=a.executed, quiet=False)}/index.html")
     elif a.command == "readme":
         print(write_readme())
+    elif a.command == "bench":
+        from mdxlib.bench import cli  # imports torch and the kernels only when asked for
+        return cli(a.only, a.quick, a.out)
     return 0
