@@ -107,8 +107,9 @@ def test_bench_cases_and_bad_arguments(tiny):
 
 
 def test_write_report_and_cli_exit_code(tiny, tmp_path, capsys):
-    path, md = write_report({"device": "cpu", "device_name": "x", "torch": "t", "triton": None, "interpret": True,
-                             "inputs": 1, "repeats": 1, "seconds": 0.0, "quick": True, "suites": {}}, tmp_path / "r.json")
+    empty = {"device": "cpu", "device_name": "x", "torch": "t", "triton": None, "interpret": True, "inputs": 1,
+             "repeats": 1, "seconds": 0.0, "quick": True, "suites": {}}
+    path, md = write_report(empty, tmp_path / "r.json")
     assert json.loads(path.read_text())["suites"] == {} and md.exists()
     assert main(["bench", "--only", "tiny_add", "--quick", "--out", str(tmp_path / "cli.json")]) == 0
     assert "## tiny_add" in capsys.readouterr().out and (tmp_path / "cli.md").exists()
