@@ -1,4 +1,4 @@
-"mdxlib.kernels from the outside: interpret mode, the dispatcher, check_op, bench, and the softmax kernels (interpreted on CPU)."
+"mdxlib.kernels from the outside: interpret mode, dispatcher, check_op, bench, softmax kernels (interpreted on CPU)."
 import functools
 import json
 import math
@@ -11,14 +11,14 @@ import warnings
 import pytest
 import torch
 
-import mdxlib.kernels as K
 from mdxlib.kernels import (BACKENDS, HAS_TRITON, OPS, TOLERANCES, TRITON_INTERPRET, KernelOp, bench, check_op,
                             choose_interpret, pick_backend, randn_inputs, softmax, softmax_bwd,
                             softmax_fwd, softmax_ref, softmax_triton, triton_available)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNELS_RUN = triton_available(DEVICE)
-needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="Triton kernels cannot run here (no triton, or interpret mode off on CPU)")
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN,
+                                   reason="Triton kernels cannot run here (no triton, or interpret mode off on CPU)")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ODD_SHAPES = [(1, 1), (1, 37), (3, 5), (2, 3, 17), (2, 130)]
 
@@ -33,7 +33,8 @@ def _run(code: str, fake_gpu: bool = False, block_triton: bool = False, **env) -
     if block_triton:  # what a machine without triton (macOS) sees
         pre += "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
     full = pre + "import json, os, torch\nimport mdxlib.kernels as K\n" + textwrap.dedent(code)
-    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MDXLIB_TRITON_INTERPRET", "MDXLIB_BACKEND")}
+    drop = ("TRITON_INTERPRET", "MDXLIB_TRITON_INTERPRET", "MDXLIB_BACKEND")
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
     environ.update(env)
     proc = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, env=environ, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -142,7 +143,8 @@ def test_pick_backend_on_cpu_tensors(monkeypatch):
     monkeypatch.delenv("MDXLIB_BACKEND", raising=False)
     x = torch.zeros(2)
     assert BACKENDS == ("auto", "torch", "triton")
-    assert pick_backend("auto", x) == "torch" and pick_backend(None, x) == "torch" and pick_backend("torch", x) == "torch"
+    assert pick_backend("auto", x) == "torch" and pick_backend(None, x) == "torch"
+    assert pick_backend("torch", x) == "torch"
     assert pick_backend("auto") == "torch"  # no tensors: nothing to run a kernel on
     if HAS_TRITON and TRITON_INTERPRET:
         assert pick_backend("triton", x) == "triton"
@@ -166,7 +168,8 @@ def test_pick_backend_on_cuda_tensors():
 def test_kernel_op_calls_the_chosen_path(monkeypatch):
     monkeypatch.delenv("MDXLIB_BACKEND", raising=False)
     calls = []
-    op = KernelOp("_test_op", lambda x, k=1: calls.append("torch") or x * k, lambda x, k=1: calls.append("triton") or x * k)
+    op = KernelOp("_test_op", lambda x, k=1: calls.append("torch") or x * k,
+                  lambda x, k=1: calls.append("triton") or x * k)
     try:
         x = torch.ones(3)
         assert torch.equal(op(x, k=2), 2 * x) and calls == ["torch"]
@@ -208,7 +211,8 @@ class _WrongBackward(torch.autograd.Function):
 
 
 def test_check_op_passes_a_correct_op_and_reports_errors():
-    table = check_op(lambda x: torch.softmax(x.float(), -1).to(x.dtype), softmax_ref, shapes=[(2, 3), (4,)], dtypes=DTYPES)
+    table = check_op(lambda x: torch.softmax(x.float(), -1).to(x.dtype), softmax_ref, shapes=[(2, 3), (4,)],
+                     dtypes=DTYPES)
     assert len(table) == 2 * 3 * 2 and set(table["tensor"]) == {"out[0]", "grad[0]"}
     assert set(table["dtype"]) == {"float32", "float16", "bfloat16"}
     assert (table["max_abs_err"] <= table["atol"] + table["rtol"]).all()
@@ -253,7 +257,8 @@ def test_check_op_bad_arguments():
 
 def test_bench_returns_a_table():
     a = torch.randn(32, 32)
-    table = bench({"add": lambda: a + a, "mul": lambda: a * a}, n_bytes=3 * a.numel() * 4, warmup=1, repeats=3, number=2)
+    table = bench({"add": lambda: a + a, "mul": lambda: a * a}, n_bytes=3 * a.numel() * 4, warmup=1, repeats=3,
+                  number=2)
     assert list(table.index) == ["add", "mul"]
     assert {"time_us", "min_us", "q25_us", "q75_us", "max_us", "samples", "GB/s"} <= set(table.columns)
     assert ("peak_MB" in table.columns) == torch.cuda.is_available()
