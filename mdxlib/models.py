@@ -13,23 +13,25 @@ import operator
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import weakref
 from pathlib import Path
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int, check_positive, check_strings, check_tensor
 from .core import evaluating, get_device
 
 # %% auto 0
-__all__ = ['SHIPPED_LMS', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'LLAMA_STYLE', 'cache_dir', 'lm_cache_path', 'atomic_dir',
-           'ModelNotAvailableError', 'load_lm', 'byte_tokenizer', 'tiny_lm', 'LMAdapter', 'adapter', 'capture_residual',
-           'hidden_states', 'last_token_index', 'last_token_hidden', 'encode_completions', 'padding_id', 'right_padded',
-           'batch_token_logprobs', 'token_logprobs', 'ffn_neurons', 'attention_heads', 'head_contributions',
-           'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder', 'load_image_encoder']
+__all__ = ['SHIPPED_LMS', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'ADAPTERS', 'LLAMA_STYLE', 'cache_dir', 'lm_cache_path', 'atomic_dir',
+           'ModelNotAvailableError', 'load_lm', 'byte_tokenizer', 'tiny_lm', 'MLPParts', 'weight_view', 'LMAdapter',
+           'LlamaAdapter', 'GPT2Adapter', 'adapter', 'capture_residual', 'check_token_ids', 'hidden_states',
+           'residual_at', 'from_block', 'last_token_index', 'last_token_hidden', 'encode_completions', 'padding_id',
+           'right_padded', 'batch_token_logprobs', 'token_logprobs', 'ffn_neurons', 'attention_heads',
+           'head_contributions', 'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder', 'load_image_encoder']
 
 # %% ../nbs/02_models.ipynb
 SHIPPED_LMS = {
@@ -220,50 +222,91 @@ def tiny_lm(
     return model.eval(), tok
 
 # %% ../nbs/02_models.ipynb
-LLAMA_STYLE = ("llama", "qwen2", "qwen3", "mistral")
+class MLPParts(NamedTuple):
+    "The modules of one FFN: `down(dropout(act(gate(x)) * up(x)))`, or `down(act(up(x)))` without a gate."
+    gate: nn.Module | None  # The gate projection (Llama-style), None for a plain MLP (GPT-2)
+    up: nn.Module  # The (other) input projection: `up_proj` or GPT-2's `c_fc`
+    down: nn.Module  # The output projection: `down_proj` or GPT-2's `c_proj`
+    act: nn.Module  # The activation
+    dropout: nn.Module | None  # Applied after `down` (GPT-2's residual dropout), else None
 
 
-@dataclass(eq=False)
+def weight_view(
+    module: nn.Module,  # An `nn.Linear` or a GPT-2 `Conv1D`
+) -> torch.Tensor:  # (out, in), a view (writing into it edits the module)
+    "A projection's weight shaped like an `nn.Linear` weight, whatever the layer type."
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T  # Conv1D holds (in, out)
+
+
+ADAPTERS: dict[str, type] = {}  # config.model_type -> its adapter class (a subclass of LMAdapter registers itself)
+
+
 class LMAdapter:
-    "Where the parts of a decoder-only transformer live (Llama-style or GPT-2), with uniform weight views."
-    model: nn.Module  # The causal LM
-    family: str  # "llama" (Llama, SmolLM2, Qwen2/3, Mistral) or "gpt2"
-    layers: nn.ModuleList  # The decoder blocks
-    embed: nn.Module  # Token embedding
-    final_norm: nn.Module  # The norm before the unembedding
-    lm_head: nn.Module | None  # The unembedding (None for a headless base model)
-    n_layers: int  # Decoder blocks
-    n_heads: int  # Query heads
-    n_kv_heads: int  # Key/value heads (fewer than n_heads with grouped-query attention)
-    head_dim: int  # d_h
-    d_model: int  # d, the residual stream's width
-    d_ff: int  # FFN neurons per layer
+    "Where a decoder-only transformer keeps its parts, as uniform views; one subclass per architecture family."
+    family: str = ""  # The family's short name
+    model_types: tuple[str, ...] = ()  # The `config.model_type`s it covers
 
-    def attn(self, i: int) -> nn.Module: return self.layers[i].self_attn if self.family == "llama" else self.layers[i].attn
-    def mlp(self, i: int) -> nn.Module: return self.layers[i].mlp
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        ADAPTERS.update(dict.fromkeys(cls.model_types, cls))  # defining a subclass registers it
+
+    def __init__(self, model: nn.Module):
+        self.model, self.config = model, model.config
+        self.base = self._base(model)
+        self.lm_head: nn.Module | None = getattr(model, "lm_head", None)  # None for a headless base model
+
+    # What a family defines
+    def _base(self, model: nn.Module) -> nn.Module: raise NotImplementedError
+    @property
+    def layers(self) -> nn.ModuleList: raise NotImplementedError  # The decoder blocks
+    @property
+    def embed(self) -> nn.Embedding: raise NotImplementedError  # The token embedding
+    @property
+    def final_norm(self) -> nn.Module: raise NotImplementedError  # The norm before the unembedding
+    def attn(self, i: int) -> nn.Module: raise NotImplementedError
     def attn_out_proj(self, i: int) -> nn.Module:
         "o_proj / c_proj: its input is the heads' outputs side by side."
-        return self.attn(i).o_proj if self.family == "llama" else self.attn(i).c_proj
+        raise NotImplementedError
+    @staticmethod
+    def mlp_parts_of(mlp: nn.Module) -> MLPParts: raise NotImplementedError  # works on a converted MLP too
+    @property
+    def n_heads(self) -> int: raise NotImplementedError  # Query heads
+    @property
+    def n_kv_heads(self) -> int: return self.n_heads  # Key/value heads (fewer with grouped-query attention)
+    @property
+    def head_dim(self) -> int: raise NotImplementedError  # d_h
+    @property
+    def max_positions(self) -> int: raise NotImplementedError  # The longest input the model takes
+
+    # The same for every family
+    def mlp(self, i: int) -> nn.Module: return self.layers[i].mlp
+    def mlp_parts(self, i: int) -> MLPParts: return self.mlp_parts_of(self.mlp(i))
+    def mlp_in_projs(self, i: int) -> dict[str, nn.Module]:
+        "The FFN's input projections: gate and up (Llama-style), or fc (GPT-2)."
+        p = self.mlp_parts(i)
+        return {"fc": p.up} if p.gate is None else {"gate": p.gate, "up": p.up}
     def mlp_out_proj(self, i: int) -> nn.Module:
         "down_proj / c_proj: its input is the FFN neurons' activations."
-        return self.mlp(i).down_proj if self.family == "llama" else self.mlp(i).c_proj
-    def mlp_in_projs(self, i: int) -> dict[str, nn.Module]:
-        m = self.mlp(i)
-        return {"gate": m.gate_proj, "up": m.up_proj} if self.family == "llama" else {"fc": m.c_fc}
+        return self.mlp_parts(i).down
     @property
-    def act(self) -> Callable: return self.mlp(0).act_fn if self.family == "llama" else self.mlp(0).act
-
-    def _w(self, module) -> torch.Tensor:  # (out, in) whatever the layer type
-        return module.weight if isinstance(module, nn.Linear) else module.weight.T  # Conv1D holds (in, out)
+    def act(self) -> nn.Module: return self.mlp_parts(0).act
+    @property
+    def n_layers(self) -> int: return len(self.layers)
+    @property
+    def d_model(self) -> int: return self.embed.embedding_dim  # d, the residual stream's width
+    @property
+    def d_ff(self) -> int: return weight_view(self.mlp_out_proj(0)).shape[1]  # FFN neurons per layer
+    @property
+    def vocab_size(self) -> int: return self.embed.num_embeddings  # token ids must lie in [0, vocab_size)
     def mlp_in_weights(self, i: int) -> dict[str, torch.Tensor]:
         "Each (d_ff, d): gate and up (Llama-style) or fc (GPT-2)."
-        return {k: self._w(m) for k, m in self.mlp_in_projs(i).items()}
+        return {k: weight_view(m) for k, m in self.mlp_in_projs(i).items()}
     def mlp_out_weight(self, i: int) -> torch.Tensor:
         "(d, d_ff): column j is what neuron j writes into the residual stream."
-        return self._w(self.mlp_out_proj(i))
+        return weight_view(self.mlp_out_proj(i))
     def attn_out_weight(self, i: int) -> torch.Tensor:
         "(d, n_heads * head_dim): columns h*head_dim:(h+1)*head_dim are head h's W_O."
-        return self._w(self.attn_out_proj(i))
+        return weight_view(self.attn_out_proj(i))
     def attn_out_bias(self, i: int) -> torch.Tensor | None: return self.attn_out_proj(i).bias
     @property
     def unembed_weight(self) -> torch.Tensor: return self.lm_head.weight  # (V, d)
@@ -273,31 +316,76 @@ class LMAdapter:
         names = {m: n for n, m in self.model.named_modules()}
         return dict(family=self.family, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
                     head_dim=self.head_dim, d_model=self.d_model, d_ff=self.d_ff,
-                    attn_out=names[self.attn_out_proj(0)], mlp_in=", ".join(names[m] for m in self.mlp_in_projs(0).values()),
+                    attn_out=names[self.attn_out_proj(0)],
+                    mlp_in=", ".join(names[m] for m in self.mlp_in_projs(0).values()),
                     mlp_out=names[self.mlp_out_proj(0)], act=type(self.act).__name__, final_norm=names[self.final_norm],
                     unembed=names.get(self.lm_head, "-"))
 
+    def __repr__(self):
+        return f"{type(self).__name__}({type(self.model).__name__}, {self.n_layers} layers, d={self.d_model})"
+
+# %% ../nbs/02_models.ipynb
+class LlamaAdapter(LMAdapter):
+    "Llama-style decoders (Llama, SmolLM2, Qwen2/3, Mistral): `model.layers[i].{self_attn, mlp}`, gated FFN."
+    family, model_types = "llama", ("llama", "qwen2", "qwen3", "mistral")
+
+    def _base(self, model): return getattr(model, "model", model)
+    @property
+    def layers(self): return self.base.layers
+    @property
+    def embed(self): return self.base.embed_tokens
+    @property
+    def final_norm(self): return self.base.norm
+    def attn(self, i): return self.layers[i].self_attn
+    def attn_out_proj(self, i): return self.attn(i).o_proj
+    @staticmethod
+    def mlp_parts_of(mlp): return MLPParts(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, None)
+    @property
+    def n_heads(self): return self.config.num_attention_heads
+    @property
+    def n_kv_heads(self): return self.config.num_key_value_heads or self.n_heads
+    @property
+    def head_dim(self): return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
+    @property
+    def max_positions(self): return self.config.max_position_embeddings
+
+
+class GPT2Adapter(LMAdapter):
+    "GPT-2: `transformer.h[i].{attn, mlp}`, `Conv1D` projections (weights stored (in, out)), learned positions."
+    family, model_types = "gpt2", ("gpt2",)
+
+    def _base(self, model): return getattr(model, "transformer", model)
+    @property
+    def layers(self): return self.base.h
+    @property
+    def embed(self): return self.base.wte
+    @property
+    def final_norm(self): return self.base.ln_f
+    def attn(self, i): return self.layers[i].attn
+    def attn_out_proj(self, i): return self.attn(i).c_proj
+    @staticmethod
+    def mlp_parts_of(mlp): return MLPParts(None, mlp.c_fc, mlp.c_proj, mlp.act, mlp.dropout)
+    @property
+    def n_heads(self): return self.config.n_head
+    @property
+    def head_dim(self): return self.config.n_embd // self.config.n_head
+    @property
+    def max_positions(self): return self.base.wpe.num_embeddings
+
+
+LLAMA_STYLE = LlamaAdapter.model_types
+
 
 def adapter(
-    model: nn.Module,  # A causal LM (or its base model) of a family in `LLAMA_STYLE` or GPT-2
+    model: nn.Module,  # A causal LM (or its base model) of a registered family (`LlamaAdapter`, `GPT2Adapter`, ...)
 ) -> LMAdapter:
-    "The `LMAdapter` of `model`: the one place that knows each architecture's layout."
+    "The adapter of `model`'s architecture family: the one place that knows where its parts live."
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers model; got {type(model).__name__}")
-    cfg, kind = model.config, getattr(model.config, "model_type", None)
-    head = getattr(model, "lm_head", None)
-    if kind in LLAMA_STYLE:
-        base = getattr(model, "model", model)
-        n_heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-        return LMAdapter(model, "llama", base.layers, base.embed_tokens, base.norm, head, len(base.layers), n_heads,
-                         cfg.num_key_value_heads or n_heads, head_dim, cfg.hidden_size,
-                         base.layers[0].mlp.down_proj.in_features)
-    if kind == "gpt2":
-        base = getattr(model, "transformer", model)
-        return LMAdapter(model, "gpt2", base.h, base.wte, base.ln_f, head, len(base.h), cfg.n_head, cfg.n_head,
-                         cfg.n_embd // cfg.n_head, cfg.n_embd, base.h[0].mlp.c_proj.weight.shape[0])
-    raise ValueError(f"model: no adapter for model_type {kind!r}; supported: {', '.join((*LLAMA_STYLE, 'gpt2'))}")
+    kind = getattr(model.config, "model_type", None)
+    if kind not in ADAPTERS:
+        raise ValueError(f"model: no adapter for model_type {kind!r}; supported: {', '.join(ADAPTERS)}")
+    return ADAPTERS[kind](model)
 
 # %% ../nbs/02_models.ipynb
 @contextlib.contextmanager
@@ -357,20 +445,43 @@ def capture_residual(
         yield rec
 
 
-def _model_inputs(model, input_ids, attention_mask):
+def check_token_ids(
+    model: nn.Module,  # A model `adapter` knows
+    ids,  # (B, T) token ids: a tensor, or a list of id lists
+    name: str = "input_ids",  # The argument's name, for the message
+) -> None:
+    "A clear error for ids outside the vocabulary or sequences longer than the model's positions (not an IndexError)."
+    a = adapter(getattr(model, "module", model))
+    if isinstance(ids, torch.Tensor):
+        longest = ids.shape[-1] if ids.ndim else 0
+        low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)  # a device sync: entry points only
+    else:
+        longest = max(map(len, ids), default=0)
+        low, high = min((min(s) for s in ids if len(s)), default=0), max((max(s) for s in ids if len(s)), default=0)
+    if low < 0 or high >= a.vocab_size:
+        raise ValueError(f"{name} must hold token ids in [0, {a.vocab_size}) (the model's vocabulary); "
+                         f"got ids in [{low}, {high}]")
+    if longest > a.max_positions:
+        raise ValueError(f"{name} holds a sequence of {longest} tokens; the model takes at most {a.max_positions}")
+
+
+def _model_inputs(model, input_ids, attention_mask, check: bool = True):
     "Checked tensors on the model's device, and position ids that count only real tokens (so left padding works)."
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int):
-        raise TypeError(f"input_ids must be an integer tensor; got {type(input_ids).__name__}")
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
+    input_ids = check_tensor(input_ids, "input_ids", ndim=2, kind="int")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
+    if check:
+        check_token_ids(model, input_ids)
     dev = next(model.parameters()).device
     ids, mask = input_ids.to(dev).long(), attention_mask.to(dev).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    return dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    return dict(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T)
+    "Position ids that count only real tokens: a sequence gets the same positions alone or left-padded."
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def hidden_states(
@@ -383,6 +494,87 @@ def hidden_states(
     with torch.no_grad(), capture_residual(model, layers) as rec:
         model(**_model_inputs(model, input_ids, attention_mask))
     return torch.stack([rec[L] for L in sorted(rec)])
+
+# %% ../nbs/02_models.ipynb
+class _Stop(Exception):
+    "Raised by a hook to end a forward pass early."
+
+
+def residual_at(
+    model: nn.Module,  # A model `adapter` knows
+    block: int,  # The decoder block whose input is wanted, in [0, n_layers)
+    input_ids: torch.Tensor,  # (N, T) token ids
+    attention_mask: torch.Tensor | None = None,  # (N, T), 1 for real tokens (left or right padding)
+    batch_size: int = 16,  # Sequences per forward pass
+) -> torch.Tensor:  # (N, T, d) on the model's device, without gradients
+    "The residual stream entering `block`, from forward passes (in eval mode) that stop there: a cache for `from_block`."
+    a = adapter(model)
+    block = check_int(block, "block", 0, a.n_layers - 1)
+    batch_size = check_positive(batch_size, "batch_size")
+    inputs = _model_inputs(model, input_ids, attention_mask)
+    out = []
+
+    def stop(mod, args, kwargs): raise _Stop
+
+    with torch.no_grad(), evaluating(model), capture_residual(model, [block]) as rec:
+        with _installed([(a.layers[block], "pre", stop)]):  # after capture_residual's hook
+            for i in range(0, len(inputs["input_ids"]), batch_size):
+                try:
+                    model(**{k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+                except _Stop:
+                    out.append(rec[block])
+    return torch.cat(out) if out else torch.empty(0, input_ids.shape[1], a.d_model, device=a.embed.weight.device,
+                                                  dtype=a.embed.weight.dtype)
+
+
+_STARTED: weakref.WeakSet = weakref.WeakSet()  # models inside `from_block`
+
+
+def _pass_through(hidden_states, *args, **kwargs):
+    "A skipped decoder block: its input is its output."
+    return hidden_states
+
+
+@contextlib.contextmanager
+def from_block(
+    model: nn.Module,  # A model `adapter` knows
+    block: int,  # The first block to run, in [0, n_layers)
+):  # yields `model`
+    "Inside, `model(block_input=h, ...)` runs only blocks `block`.. on h (B, T, d), cached by `residual_at`."
+    a = adapter(model)
+    block = check_int(block, "block", 0, a.n_layers - 1)
+    if model in _STARTED:
+        raise ValueError("model is already inside from_block")
+    held: dict[str, torch.Tensor] = {}
+
+    def take(mod, args, kwargs):  # on the model: takes `block_input` out of the call
+        h = kwargs.pop("block_input", None)
+        if not isinstance(h, torch.Tensor) or h.ndim != 3 or h.shape[-1] != a.d_model:
+            raise ValueError(f"inside from_block, call model(block_input=h, ...) with h of shape (B, T, {a.d_model}), "
+                             f"the residual stream entering block {block}; got {getattr(h, 'shape', h)}")
+        if not args and kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
+            kwargs["inputs_embeds"] = h  # only for the batch shape: block `block` gets h itself
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            kwargs["position_ids"] = _positions(mask)  # as `residual_at` counted them
+        held["h"] = h
+        return args, kwargs
+
+    def feed(mod, args, kwargs):  # on block `block`: its input is the cached residual stream
+        h = held.pop("h").to(args[0] if args else kwargs["hidden_states"])
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    skipped = list(a.layers[:block])
+    _STARTED.add(model)
+    try:
+        for layer in skipped:
+            layer.forward = _pass_through
+        with _installed([(model, "pre", take), (a.layers[block], "pre", feed)]):
+            yield model
+    finally:
+        for layer in skipped:
+            vars(layer).pop("forward", None)
+        _STARTED.discard(model)
 
 # %% ../nbs/02_models.ipynb
 def last_token_index(
@@ -403,13 +595,16 @@ def last_token_hidden(
     tokenizer_or_mask=None,  # A tokenizer (for strings), or the (N, T) attention mask of `inputs` (None: no padding)
     layers=None,  # Indices in [0, n_layers]; default all
     batch_size: int = 16,  # Sequences per forward pass
-) -> torch.Tensor:  # (len(layers), N, d)
+) -> torch.Tensor:  # (len(layers), N, d); N = 0 gives an empty tensor
     "The residual stream at each sequence's last real token, in batches, whatever the padding side."
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    batch_size = check_positive(batch_size, "batch_size")
+    a = adapter(model)
+    n_out = len(_indices(layers, a.n_layers + 1, "layers"))
     if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and not all(isinstance(s, str) for s in inputs)):
         raise TypeError("inputs must be a list of strings or a (N, T) tensor of token ids")
-    if isinstance(inputs, (list, tuple)):
+    if isinstance(inputs, (list, tuple)) and not inputs:
+        batches = []
+    elif isinstance(inputs, (list, tuple)):
         tok = tokenizer_or_mask
         if not callable(getattr(tok, "pad", None)):
             raise TypeError("tokenizer_or_mask must be a tokenizer when inputs are strings")
@@ -417,25 +612,21 @@ def last_token_hidden(
             raise ValueError("tokenizer has no pad_token: set tokenizer.pad_token = tokenizer.eos_token")
         batches = [tok(list(inputs[i:i + batch_size]), return_tensors="pt", padding=True)
                    for i in range(0, len(inputs), batch_size)]
-        batches = [(b["input_ids"], b["attention_mask"]) for b in batches]
+        batches = [_model_inputs(model, b["input_ids"], b["attention_mask"]) for b in batches]
     else:
-        mask = torch.ones_like(inputs) if tokenizer_or_mask is None else tokenizer_or_mask
-        _model_inputs(model, inputs, mask)  # validates
-        batches = [(inputs[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
-    out = []
-    for ids, mask in batches:
-        hs = hidden_states(model, ids, mask, layers)  # (L, B, T, d)
-        idx = last_token_index(mask).to(hs.device)
-        out.append(hs[:, torch.arange(len(idx), device=hs.device), idx])  # (L, B, d)
+        inputs = _model_inputs(model, inputs, tokenizer_or_mask)  # validated once, then split
+        batches = [{k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                   for i in range(0, len(inputs["input_ids"]), batch_size)]
+    out = [torch.empty(n_out, 0, a.d_model, dtype=a.embed.weight.dtype, device=a.embed.weight.device)]
+    with torch.no_grad(), capture_residual(model, layers) as rec:
+        for batch in batches:
+            model(**batch)
+            hs = torch.stack([rec[L] for L in sorted(rec)])  # (L, B, T, d)
+            idx = last_token_index(batch["attention_mask"]).to(hs.device)
+            out.append(hs[:, torch.arange(len(idx), device=hs.device), idx])  # (L, B, d)
     return torch.cat(out, dim=1)
 
 # %% ../nbs/02_models.ipynb
-def _check_strings(texts, name: str) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-        raise TypeError(f"{name} must be a list of strings; got {type(texts).__name__}")
-    return list(texts)
-
-
 def encode_completions(
     tokenizer,  # A `transformers` tokenizer
     prompts: list[str],  # N prompts
@@ -445,9 +636,11 @@ def encode_completions(
     empty: str = "error",  # An empty completion: "error", or "eos" to score the end-of-sequence token
 ) -> list[tuple[list[int], list[int]]]:  # Per pair: (prompt ids, completion ids)
     "Tokenize prompts and completions separately, so that exactly the completion's tokens are scored."
-    prompts, completions = _check_strings(prompts, "prompts"), _check_strings(completions, "completions")
+    prompts = check_strings(prompts, "prompts", nonempty=False)
+    completions = check_strings(completions, "completions", nonempty=False)
     if len(prompts) != len(completions):
-        raise ValueError(f"prompts and completions must pair up; got {len(prompts)} prompts, {len(completions)} completions")
+        raise ValueError(f"prompts and completions must pair up; got {len(prompts)} prompts, "
+                         f"{len(completions)} completions")
     if not prompts:
         raise ValueError("prompts and completions are empty")
     if empty not in ("error", "eos"):
@@ -460,7 +653,8 @@ def encode_completions(
     out = []
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if chat_template:
-            p = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            p = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True)
             p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         else:
             p_ids = tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]
@@ -469,7 +663,8 @@ def encode_completions(
             raise ValueError(f"prompts[{i}] has no tokens: the first completion token would have no context")
         if len(c_ids) == 0:
             if empty == "error":
-                raise ValueError(f"completions[{i}] is empty: there is nothing to score (empty='eos' scores the end token)")
+                raise ValueError(f"completions[{i}] is empty: there is nothing to score "
+                                 "(empty='eos' scores the end token)")
             c_ids = [eos]
         out.append((list(p_ids), list(c_ids)))
     return out
@@ -505,11 +700,13 @@ def batch_token_logprobs(
     model: nn.Module,  # A causal LM returning `.logits`
     encoded: list[tuple[list[int], list[int]]],  # One batch from `encode_completions`
     pad_id: int = 0,  # Padding id
+    **model_kw,  # Passed to the model's forward (e.g. `block_input=` inside `from_block`)
 ) -> list[torch.Tensor]:  # Per completion, the (n_i,) float32 log-probs of its tokens; differentiable
     "Score one batch: right-padded, one forward pass, a softmax only at the positions that predict a completion token."
     device = next(model.parameters()).device
-    ids, attention, scored, _ = (t.to(device) if isinstance(t, torch.Tensor) else t for t in right_padded(encoded, pad_id))
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (B, T, V)
+    ids, attention, scored, _ = right_padded(encoded, pad_id)
+    ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False, **model_kw).logits  # (B, T, V)
     target = scored[:, 1:]  # (B, T-1): position t predicts token t+1
     picked = logits[:, :-1][target].float()  # (n_scored, V), row-major: sequence 0's tokens first
     token_logp = picked.log_softmax(-1).gather(1, ids[:, 1:][target][:, None]).squeeze(1)  # (n_scored,)
@@ -527,9 +724,9 @@ def token_logprobs(
     "log pi(y_t | prompt, y_<t) for every token of every completion, batch- and padding-invariant, without gradients."
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    batch_size = check_positive(batch_size, "batch_size")
     encoded = encode_completions(tokenizer, prompts, completions, **encode_kw)
+    check_token_ids(model, [p + c for p, c in encoded], "prompts + completions")
     pad_id = padding_id(tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # less padding
     out: list[torch.Tensor | None] = [None] * len(encoded)

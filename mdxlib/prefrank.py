@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -17,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import (check_float, check_int, check_positive, check_probability, check_tensor, check_vector,
+                           same_length)
 from .core import data_dir, evaluating
-from .models import adapter, batch_token_logprobs, encode_completions, padding_id, right_padded, token_logprobs
+from .models import (adapter, batch_token_logprobs, check_token_ids, encode_completions, from_block, padding_id,
+                           residual_at, right_padded, token_logprobs)
 from .train import History, TrainConfig, train
 
 # %% auto 0
@@ -28,32 +30,6 @@ __all__ = ['PAPER_BETAS', 'ranked_correctly', 'ranking_accuracy', 'ranking_accur
            'load_capitals', 'make_preference_pairs', 'DPORun', 'train_dpo']
 
 # %% ../nbs/19_prefrank.ipynb
-def _as_vector(name: str, x, dtype=torch.float64) -> torch.Tensor:
-    "`x` as a finite 1-d tensor (on the CPU, in `dtype`), or a clear error naming `name`."
-    if isinstance(x, (str, bytes)) or x is None:
-        raise TypeError(f"{name} must be a 1-d tensor or sequence of numbers; got {type(x).__name__}")
-    try:
-        t = x.detach().to("cpu", dtype) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=dtype)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"{name} must be a 1-d tensor or sequence of numbers; got {type(x).__name__}") from e
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-d (one value per pair); got shape {tuple(t.shape)}")
-    if dtype.is_floating_point and not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-    return t
-
-
-def _same_length(**vectors) -> int:
-    "The common length of the named vectors, or a ValueError listing their lengths."
-    lengths = {k: len(v) for k, v in vectors.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"shapes do not match: lengths {lengths}")
-    n = next(iter(lengths.values()))
-    if n == 0:
-        raise ValueError(f"{', '.join(lengths)} are empty")
-    return n
-
-
 def ranked_correctly(
     logp_chosen,  # (N,) log pi(y_w | x) (summed, or per-token means for the length-normalised variant)
     logp_rejected,  # (N,) log pi(y_l | x)
@@ -61,14 +37,13 @@ def ranked_correctly(
     tie_eps: float = 0.01,  # A tied pair is correct iff |pi(y_w) - pi(y_l)| < tie_eps (probabilities)
 ) -> torch.Tensor:  # (N,) bool
     "Per pair, the ranking-accuracy indicator of Eq. 1, with the paper's rule for tied votes."
-    c, r = _as_vector("logp_chosen", logp_chosen), _as_vector("logp_rejected", logp_rejected)
-    _same_length(logp_chosen=c, logp_rejected=r)
-    if not (isinstance(tie_eps, (int, float)) and 0 < tie_eps <= 1):
-        raise ValueError(f"tie_eps must be a number in (0, 1]; got {tie_eps!r}")
+    c, r = check_vector(logp_chosen, "logp_chosen"), check_vector(logp_rejected, "logp_rejected")
+    same_length(logp_chosen=c, logp_rejected=r)
+    check_float(tie_eps, "tie_eps", 0, 1, low_open=True)
     correct = c >= r
     if tie_votes is not None:
-        ties = _as_vector("tie_votes", tie_votes, torch.bool)
-        _same_length(logp_chosen=c, tie_votes=ties)
+        ties = check_tensor(tie_votes, "tie_votes", ndim=1).detach().cpu().bool()
+        same_length(logp_chosen=c, tie_votes=ties)
         # |e^c - e^r| = e^max (1 - e^-|c-r|), in log space so that tiny sequence probabilities do not underflow to 0 = 0
         gap = torch.maximum(c, r) + torch.log1p(-torch.exp(-(c - r).abs()))
         correct = torch.where(ties, gap < math.log(tie_eps), correct)
@@ -90,27 +65,20 @@ def ranking_accuracy_listwise(
     ranking,  # (N, K) the raters' order: completion indices, most preferred first (a permutation per row)
 ) -> float:  # Fraction of prompts whose whole ranking the model reproduces (ties in logps count as agreeing)
     "Exact-match ranking accuracy over K >= 2 completions per prompt."
-    lp = torch.as_tensor(logps).detach().to("cpu", torch.float64)
-    order = torch.as_tensor(ranking).detach().to("cpu")
-    if lp.ndim != 2 or lp.shape[1] < 2:
-        raise ValueError(f"logps must have shape (N, K) with K >= 2; got {tuple(lp.shape)}")
+    lp = check_tensor(logps, "logps", ndim=2, kind="float").detach().to("cpu", torch.float64)
+    order = check_tensor(ranking, "ranking").detach().to("cpu")
+    if lp.shape[0] == 0 or lp.shape[1] < 2:
+        raise ValueError(f"logps must have shape (N, K) with N >= 1 prompts and K >= 2; got {tuple(lp.shape)}")
     if order.shape != lp.shape:
         raise ValueError(f"ranking must have the shape of logps {tuple(lp.shape)}; got {tuple(order.shape)}")
     if order.is_floating_point() or not torch.equal(order.sort(1).values, torch.arange(lp.shape[1]).expand_as(order)):
         raise ValueError("ranking must hold, per row, a permutation of the completion indices 0..K-1")
-    if not torch.isfinite(lp).all():
-        raise ValueError("logps contains non-finite values (NaN or inf)")
+    check_tensor(lp, "logps", finite=True)
     ordered = lp.gather(1, order)  # (N, K) the model's log-likelihoods in the raters' order
     return (ordered[:, :-1] >= ordered[:, 1:]).all(1).double().mean().item()
 
 # %% ../nbs/19_prefrank.ipynb
 PAPER_BETAS = (0.01, 0.1, 1.0, 5.0, 10.0)  # the betas over which the paper reports min/median/max of R*
-
-
-def _check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a positive number; got {beta!r}")
-    return float(beta)
 
 
 def optimal_log_ratio(
@@ -121,15 +89,14 @@ def optimal_log_ratio(
     eps: float = 1e-3,  # Clip alpha into [eps, 1 - eps] (unanimous votes would give an infinite ratio)
 ) -> torch.Tensor:  # (N,) log pi*(y_w)/pi*(y_l) at the optimum (Thm 3.1)
     "The optimal policy's log-ratio of Thm 3.1: reference log-ratio + logit(alpha) / beta."
-    c, r = _as_vector("ref_logp_chosen", ref_logp_chosen), _as_vector("ref_logp_rejected", ref_logp_rejected)
-    a = _as_vector("alpha", alpha)
-    _same_length(ref_logp_chosen=c, ref_logp_rejected=r, alpha=a)
-    if ((a < 0) | (a > 1)).any():
+    c, r = check_vector(ref_logp_chosen, "ref_logp_chosen"), check_vector(ref_logp_rejected, "ref_logp_rejected")
+    a = check_vector(alpha, "alpha")
+    same_length(ref_logp_chosen=c, ref_logp_rejected=r, alpha=a)
+    if ((a < 0) | (a > 1)).any():  # on the CPU: no device sync
         raise ValueError(f"alpha must lie in [0, 1] (a fraction of raters); got values in [{a.min():.3g}, {a.max():.3g}]")
-    if not (isinstance(eps, (int, float)) and 0 < eps < 0.5):
-        raise ValueError(f"eps must be a number in (0, 0.5); got {eps!r}")
+    eps = check_float(eps, "eps", 0, 0.5, low_open=True, high_open=True)
     a = a.clamp(eps, 1 - eps)
-    return (c - r) + torch.logit(a) / _check_beta(beta)
+    return (c - r) + torch.logit(a) / check_float(beta, "beta", 0, low_open=True)
 
 
 def idealized_ranking_accuracy(
@@ -158,9 +125,7 @@ def idealized_ranking_summary(
     values = np.array(list(per_beta.values()))
     out = dict(per_beta=per_beta, min=float(values.min()), median=float(np.median(values)), max=float(values.max()))
     if observed is not None:
-        if not (isinstance(observed, (int, float)) and 0 <= observed <= 1):
-            raise ValueError(f"observed must be a ranking accuracy in [0, 1]; got {observed!r}")
-        out["gap"] = out["median"] - float(observed)
+        out["gap"] = out["median"] - check_probability(observed, "observed")
     return out
 
 # %% ../nbs/19_prefrank.ipynb
@@ -173,15 +138,13 @@ def dpo_loss(
     gamma: float = 1.0,  # Weight of the reference log-ratio (Eq. 4); 1 is DPO, 0 ignores pi_ref
 ) -> torch.Tensor:  # (N,) per-pair loss in nats (take `.mean()` to train)
     "The gamma-scaled DPO loss of Eq. 4: -log sigmoid(beta (log pi_w/pi_l + gamma c)), c = log pi_ref(y_l)/pi_ref(y_w)."
-    beta = _check_beta(beta)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0; got {gamma!r}")
+    beta, gamma = check_float(beta, "beta", 0, low_open=True), check_float(gamma, "gamma", 0)
     for name, t in (("pol_c", pol_c), ("pol_r", pol_r), ("ref_c", ref_c), ("ref_r", ref_r)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.ndim != 1:
             raise ValueError(f"{name} must be 1-d (one value per pair); got shape {tuple(t.shape)}")
-    _same_length(pol_c=pol_c, pol_r=pol_r, ref_c=ref_c, ref_r=ref_r)
+    same_length(pol_c=pol_c, pol_r=pol_r, ref_c=ref_c, ref_r=ref_r)  # shapes only: no device sync
     c = (ref_r - ref_c).to(pol_c)  # how much more the reference likes y_l; the reference is a constant
     return -F.logsigmoid(beta * ((pol_c - pol_r) + gamma * c.detach()))
 
@@ -193,12 +156,10 @@ def flip_threshold(
     gamma: float = 1.0,  # As in `dpo_loss`
 ) -> torch.Tensor:  # (N,) the loss below which the pair is ranked correctly (float64)
     "Thm 4.1: R = 1 iff dpo_loss <= -log sigmoid(beta gamma c); large c (reference badly wrong) means a low bar."
-    ref_c, ref_r = _as_vector("ref_c", ref_c), _as_vector("ref_r", ref_r)
-    _same_length(ref_c=ref_c, ref_r=ref_r)
-    c = ref_r - ref_c  # (N,)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0; got {gamma!r}")
-    return -F.logsigmoid(_check_beta(beta) * gamma * c)
+    ref_c, ref_r = check_vector(ref_c, "ref_c"), check_vector(ref_r, "ref_r")
+    same_length(ref_c=ref_c, ref_r=ref_r)
+    beta, gamma = check_float(beta, "beta", 0, low_open=True), check_float(gamma, "gamma", 0)
+    return -F.logsigmoid(beta * gamma * (ref_r - ref_c))  # c = log pi_ref(y_l) - log pi_ref(y_w)
 
 # %% ../nbs/19_prefrank.ipynb
 class SequenceLogprobs(NamedTuple):
@@ -217,49 +178,26 @@ class SequenceLogprobs(NamedTuple):
         return cls(torch.stack([t.sum() for t in tokens]), torch.tensor([len(t) for t in tokens]))
 
 
-@contextmanager
-def _enter_at_block(model: nn.Module, start: int, hidden: torch.Tensor):
-    "Run only decoder blocks `start`.. of `model`, feeding `hidden` (B, T, d) into block `start`."
-    layers = adapter(getattr(model, "module", model)).layers
-    saved = list(layers)
-
-    def feed(module, args, kwargs):
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    handle = saved[start].register_forward_pre_hook(feed, with_kwargs=True)
-    del layers[:start]
-    try:
-        yield
-    finally:
-        handle.remove()
-        del layers[:]
-        layers.extend(saved)
-
-
 def completion_logprobs(
     model: nn.Module,  # A causal LM returning `.logits`
     encoded: Sequence[tuple[list[int], list[int]]],  # From `encode_completions`
     pad_id: int = 0,  # Id written in the padding (never attended to, never scored)
     start_block: int = 0,  # Skip the decoder blocks before this one ...
-    block_inputs: Sequence[torch.Tensor] | None = None,  # ... and feed these (T_i, d) residual streams into it instead
+    block_inputs: Sequence[torch.Tensor] | None = None,  # ... and feed these (T_i, d) residual streams into it
 ) -> SequenceLogprobs:  # On the model's device; differentiable (no `no_grad` here)
-    "Summed log-likelihoods of one batch of encoded completions (`mdxlib.models.batch_token_logprobs`), optionally from a cached block on."
-    if start_block:
-        if block_inputs is None or len(block_inputs) != len(encoded):
-            raise ValueError(f"start_block={start_block} needs block_inputs, one (T_i, d) tensor per sequence")
-        device = next(model.parameters()).device
-        lengths = [len(p) + len(c) for p, c in encoded]
-        hidden = torch.zeros(len(encoded), max(lengths), block_inputs[0].shape[-1], dtype=block_inputs[0].dtype,
-                             device=device)  # (B, T, d), right-padded like the token ids
-        for b, h in enumerate(block_inputs):
-            hidden[b, : lengths[b]] = h.to(device)
-        with _enter_at_block(model, start_block, hidden):
-            tokens = batch_token_logprobs(model, encoded, pad_id)
-    else:
-        tokens = batch_token_logprobs(model, encoded, pad_id)
-    return SequenceLogprobs.from_tokens(tokens)
+    "Summed log-likelihoods of one batch of encoded completions, optionally from a cached block on (`models.from_block`)."
+    if not start_block:
+        return SequenceLogprobs.from_tokens(batch_token_logprobs(model, encoded, pad_id))
+    if block_inputs is None or len(block_inputs) != len(encoded):
+        raise ValueError(f"start_block={start_block} needs block_inputs, one (T_i, d) tensor per sequence")
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(c) for p, c in encoded]
+    hidden = torch.zeros(len(encoded), max(lengths), block_inputs[0].shape[-1], dtype=block_inputs[0].dtype,
+                         device=device)  # (B, T, d), right-padded like the token ids
+    for b, h in enumerate(block_inputs):
+        hidden[b, : lengths[b]] = h.to(device)
+    with from_block(getattr(model, "module", model), start_block):
+        return SequenceLogprobs.from_tokens(batch_token_logprobs(model, encoded, pad_id, block_input=hidden))
 
 
 def sequence_logprobs(
@@ -281,17 +219,8 @@ def decoder_block_params(
 ) -> list[nn.Parameter]:  # Their parameters
     "The parameters of the last `last` decoder blocks: a cheap subset to fine-tune on a CPU."
     layers = adapter(model).layers
-    if isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= len(layers):
-        raise ValueError(f"last must be an integer in [1, {len(layers)}]; got {last!r}")
+    last = check_int(last, "last", 1, len(layers))
     return [p for block in layers[-last:] for p in block.parameters()]
-
-
-def _n_blocks(model: nn.Module) -> int:
-    return adapter(model).n_layers
-
-
-class _Stop(Exception):
-    "Raised by a hook to end a forward pass early."
 
 
 def block_inputs(
@@ -301,29 +230,12 @@ def block_inputs(
     pad_id: int = 0,  # Padding id
     batch_size: int = 16,  # Sequences per forward pass
 ) -> list[torch.Tensor]:  # Per sequence, the (T_i, d) residual stream entering `block` (no grad)
-    "Cache what the frozen blocks before `block` compute, so that training the later blocks skips them."
-    layers = adapter(model).layers
-    if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < len(layers):
-        raise ValueError(f"block must be an integer in [0, {len(layers)}); got {block!r}")
-    out = []
+    "Cache what the frozen blocks before `block` compute (`models.residual_at`), so training the later ones skips them."
+    batch_size, out = check_positive(batch_size, "batch_size"), []
     for start in range(0, len(encoded), batch_size):
-        chunk, seen = encoded[start : start + batch_size], {}
-
-        def grab(module, args, kwargs):
-            seen["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
-            raise _Stop
-
-        handle = layers[block].register_forward_pre_hook(grab, with_kwargs=True)
-        ids, attention, _, lengths = right_padded(chunk, pad_id)
-        device = next(model.parameters()).device
-        try:
-            with torch.no_grad():
-                model(input_ids=ids.to(device), attention_mask=attention.to(device))
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        out += [seen["h"][b, : lengths[b]].clone() for b in range(len(chunk))]
+        ids, attention, _, lengths = right_padded(encoded[start : start + batch_size], pad_id)
+        h = residual_at(model, block, ids, attention, batch_size)  # (B, T, d)
+        out += [h[b, :n] for b, n in enumerate(lengths)]
     return out
 
 # %% ../nbs/19_prefrank.ipynb
@@ -337,13 +249,13 @@ class PreferencePairs:
     kind: list[str] = field(default_factory=list)  # N labels of where each pair comes from (optional)
 
     def __post_init__(self):
-        _same_length(prompts=self.prompts, chosen=self.chosen, rejected=self.rejected)
-        self.alpha = _as_vector("alpha", self.alpha)
-        _same_length(prompts=self.prompts, alpha=self.alpha)
+        same_length(prompts=self.prompts, chosen=self.chosen, rejected=self.rejected)
+        self.alpha = check_vector(self.alpha, "alpha")
+        same_length(prompts=self.prompts, alpha=self.alpha)
         if ((self.alpha < 0) | (self.alpha > 1)).any():
             raise ValueError("alpha must lie in [0, 1] (a fraction of raters)")
         self.kind = list(self.kind) or ["pair"] * len(self.prompts)
-        _same_length(prompts=self.prompts, kind=self.kind)
+        same_length(prompts=self.prompts, kind=self.kind)
 
     def __len__(self):
         return len(self.prompts)
@@ -369,11 +281,10 @@ def make_preference_pairs(
 ) -> PreferencePairs:
     "Correct-vs-wrong answer pairs with simulated Bradley-Terry rater votes; y_w is the majority's choice."
     facts = load_capitals()
-    if not (isinstance(n_capitals, int) and 0 <= n_capitals <= len(facts)):
-        raise ValueError(f"n_capitals must be an integer in [0, {len(facts)}]; got {n_capitals!r}")
-    if not (isinstance(n_sums, int) and n_sums >= 0) or n_capitals + n_sums == 0:
-        raise ValueError(f"n_sums must be an integer >= 0 and n_capitals + n_sums >= 1; got {n_sums!r}")
-    if not (isinstance(n_raters, int) and n_raters >= 1 and n_raters % 2 == 1):
+    n_capitals = check_int(n_capitals, "n_capitals", 0, len(facts))
+    if check_int(n_sums, "n_sums", 0) + n_capitals == 0:
+        raise ValueError("n_sums: n_capitals + n_sums must be >= 1; got 0 pairs")
+    if check_positive(n_raters, "n_raters") % 2 == 0:
         raise ValueError(f"n_raters must be an odd positive integer (no tied votes); got {n_raters!r}")
     rng = np.random.default_rng(seed)
     items = []  # (prompt, right, wrong, kind)
@@ -428,21 +339,19 @@ def train_dpo(
     "Fine-tune `policy` with (gamma-scaled) DPO and RMSprop, tracking ranking accuracy and flips."
     if not isinstance(pairs, PreferencePairs):
         raise TypeError(f"pairs must be a PreferencePairs; got {type(pairs).__name__}")
-    beta = _check_beta(beta)
-    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta, gamma)  # validates gamma
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    beta, gamma = check_float(beta, "beta", 0, low_open=True), check_float(gamma, "gamma", 0)
+    batch_size = check_positive(batch_size, "batch_size")
     if train_blocks is not None and params is not None:
         raise ValueError("give params or train_blocks, not both")
     enc_c = encode_completions(tokenizer, pairs.prompts, pairs.chosen, chat_template)
     enc_r = encode_completions(tokenizer, pairs.prompts, pairs.rejected, chat_template)
+    check_token_ids(policy, [p + c for p, c in enc_c + enc_r], "pairs (tokenized)")
     pad_id = padding_id(tokenizer)
     first, cache = 0, {}
     if train_blocks is not None:
         params = decoder_block_params(policy, train_blocks)  # validates train_blocks
-        first = _n_blocks(policy) - train_blocks
-        with evaluating(policy):
-            cache = {id(enc_c): block_inputs(policy, enc_c, first, pad_id), id(enc_r): block_inputs(policy, enc_r, first, pad_id)}
+        first = adapter(policy).n_layers - train_blocks
+        cache = {id(enc): block_inputs(policy, enc, first, pad_id) for enc in (enc_c, enc_r)}
 
     def logprobs(model, enc, idx):  # differentiable log-likelihoods of the sequences enc[idx] under `model`
         hidden = [cache[id(enc)][i] for i in idx] if first else None
@@ -457,8 +366,8 @@ def train_dpo(
     if ref is None or isinstance(ref, nn.Module):
         ref_c, ref_r = score(policy) if ref is None else score(ref, own=False)
     elif isinstance(ref, (tuple, list)) and len(ref) == 2:
-        ref_c, ref_r = _as_vector("ref[0]", ref[0]), _as_vector("ref[1]", ref[1])
-        _same_length(pairs=pairs.prompts, ref_c=ref_c, ref_r=ref_r)
+        ref_c, ref_r = check_vector(ref[0], "ref[0]"), check_vector(ref[1], "ref[1]")
+        same_length(pairs=pairs.prompts, ref_c=ref_c, ref_r=ref_r)
     else:
         raise TypeError(f"ref must be a model, a pair (ref_c, ref_r) of tensors, or None; got {type(ref).__name__}")
     wrong = ~ranked_correctly(ref_c, ref_r)
