@@ -642,7 +642,8 @@ def test_from_block_trains_only_the_blocks_it_runs(tiny):
     with from_block(model, 1):
         model(block_input=h, labels=ids).loss.backward()
     layers = adapter(model).layers
-    assert all(p.grad is None for p in layers[0].parameters()) and all(p.grad is not None for p in layers[1].parameters())
+    assert all(p.grad is None for p in layers[0].parameters())  # skipped
+    assert all(p.grad is not None for p in layers[1].parameters())
 
 
 def test_from_block_and_residual_at_bad_input(tiny):
