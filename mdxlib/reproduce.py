@@ -18,7 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
+
 from .core import SCALES, check_scale, load_results, progress, project_root, results_dir
+from .site import comparison_figure, docs_notebook, mathml_page, results_by_paper
 
 # %% auto 0
 __all__ = ['PAPERS', 'nbs_dir', 'find_notebooks', 'needs_gpu', 'NotebookRun', 'tidy_outputs', 'run_notebook', 'run_notebooks',
@@ -320,11 +323,17 @@ def build_site(
         for nb in Path(executed).glob("*.ipynb"):
             if (stage / nb.name).exists():
                 shutil.copy(nb, stage / nb.name)
-    df = results_frame(results)
+    for path in stage.glob("*.ipynb"):  # what belongs to the run, not to the page, goes
+        nb = nbformat.read(str(path), as_version=4)
+        nbformat.write(docs_notebook(nb), str(path))
+    runs = load_results(results) if Path(results or results_dir()).is_dir() else []
+    figure = comparison_figure(runs, stage / "results_vs_paper.png")
     (stage / "results.md").write_text(
-        "---\ntitle: Results\n---\n\nEvery metric the notebooks recorded (`results/*.json`), beside the paper's number "
-        "where there is one. `scale` says how big the run was: `cpu` runs are small-scale reproductions, so read "
-        "the setting column before comparing.\n\n" + results_markdown(df))
+        "---\ntitle: Results\n---\n\nPer paper: its headline claim and number, ours with the setting it was "
+        "measured in, and the notebook's own verdict. `cpu` runs are small-scale reproductions: read the setting "
+        "before comparing numbers.\n\n" + (f"![Ours against the paper's number, every metric that has one]"
+                                            f"({figure.name})\n\n" if figure else "")
+        + results_by_paper(runs, PAPERS))
     cwd = os.getcwd()
     try:
         os.chdir(project)  # nbdev finds settings.ini from the working folder (and caches what it found)
@@ -333,6 +342,8 @@ def build_site(
         site = build(cache, quiet=quiet)
         for w in site.warnings:
             print(f"site warning: {w}", file=sys.stderr)
+        for page in Path(site.out).glob("*.html"):  # maths as MathML: readable without a network
+            page.write_text(mathml_page(page.read_text(), page.name)[0])
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(site.out), str(out))
