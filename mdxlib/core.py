@@ -6,20 +6,25 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
 import platform
 import random
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checks import check_int, check_positive
+
 # %% auto 0
 __all__ = ['SCALES', 'check_scale', 'by_scale', 'seed_everything', 'get_device', 'set_threads', 'evaluating', 'project_root',
-           'data_dir', 'results_dir', 'Results', 'load_results', 'set_style', 'progress']
+           'data_dir', 'results_dir', 'atomic_write', 'write_json', 'read_json', 'file_digest', 'results_path',
+           'Results', 'load_results', 'set_style', 'progress']
 
 # %% ../nbs/00_core.ipynb
 SCALES = ("smoke", "cpu", "full")
@@ -48,9 +53,7 @@ def seed_everything(
     seed: int,  # A non-negative integer
 ) -> torch.Generator:  # A CPU generator seeded with `seed`, for code that takes `generator=`
     "Seed python, numpy and torch (all devices) in one call."
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
-    seed = int(seed)
+    seed = check_int(seed, "seed", minimum=0)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds CUDA too when present
@@ -79,9 +82,7 @@ def set_threads(
     "Set the CPU thread count of torch once, explicitly (2 threads on a busy 2-core machine can be slower than 1)."
     if n is None:
         n = int(os.environ.get("MDXLIB_THREADS", 0)) or (os.cpu_count() or 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (threads) must be a positive integer; got {n!r}")
-    torch.set_num_threads(n)
+    torch.set_num_threads(check_positive(n, "n (threads)"))
     return torch.get_num_threads()
 
 # %% ../nbs/00_core.ipynb
@@ -99,12 +100,17 @@ def evaluating(
         model.train(was_training)
 
 # %% ../nbs/00_core.ipynb
+def _is_checkout(root: Path) -> bool:
+    return (root / "settings.ini").is_file() and (root / "mdxlib").is_dir() and (root / "nbs").is_dir()
+
+
 def project_root() -> Path | None:
-    "The repository checkout this package lives in (the folder with `settings.ini`), or None for an installed wheel."
+    "The mdxlib checkout the command runs in (the working folder or a parent), else the one the package lives in."
     import mdxlib
 
-    for root in (Path(mdxlib.__file__).resolve().parent.parent, *Path.cwd().resolve().parents, Path.cwd().resolve()):
-        if (root / "settings.ini").exists() and (root / "mdxlib").is_dir():
+    here = Path.cwd().resolve()
+    for root in (here, *here.parents, Path(mdxlib.__file__).resolve().parent.parent):
+        if _is_checkout(root):
             return root
     return None
 
@@ -114,30 +120,113 @@ def data_dir() -> Path:
     env = os.environ.get("MDXLIB_DATA")
     path = Path(env) if env else (project_root() or Path.cwd()) / "data"
     if not path.is_dir():
-        raise FileNotFoundError(f"mdxlib's data folder {path} does not exist: set MDXLIB_DATA to the data/ folder of a mdxlib checkout")
+        raise FileNotFoundError(f"mdxlib's data folder {path} does not exist: "
+                                "set MDXLIB_DATA to the data/ folder of a mdxlib checkout")
     return path
 
 
 def results_dir() -> Path:
-    "The folder that receives `<notebook>.json` metrics: `$MDXLIB_RESULTS`, else the checkout's `results/`."
+    "The folder of results, one sub-folder per scale: `$MDXLIB_RESULTS`, else the checkout's `results/`."
     env = os.environ.get("MDXLIB_RESULTS")
     return Path(env) if env else (project_root() or Path.cwd()) / "results"
 
 # %% ../nbs/00_core.ipynb
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
+
+
+def atomic_write(
+    path: str | Path,  # The file to write (its folder is created)
+    data: str | bytes,  # The whole content
+    fsync: bool = False,  # Flush to disk before the rename (for checkpoints and caches)
+) -> Path:
+    "Write `path` all at once: a unique temporary file in the same folder, then `os.replace`."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(
+    path: str | Path,  # The file to write
+    obj,  # Anything `json.dumps` takes
+    fsync: bool = False,  # Flush to disk before the rename
+) -> Path:
+    "Write `obj` as indented JSON with `atomic_write`."
+    return atomic_write(path, json.dumps(obj, indent=1) + "\n", fsync=fsync)
+
+
+def read_json(
+    path: str | Path,  # A JSON file
+):
+    "Read a JSON file; a damaged one is a `ValueError` that names it."
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e}); delete it or write it again") from e
+
+
+def file_digest(
+    path: str | Path,  # A file
+    chunk: int = 1 << 20,  # Bytes read at a time
+) -> str:  # Hex digest
+    "A fast content hash of a file (BLAKE2b, 16 bytes), read in chunks."
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb
+def _check_notebook_name(notebook) -> str:
+    if not isinstance(notebook, str) or not notebook or "/" in notebook or notebook.endswith(".failed"):
+        raise ValueError(f"notebook must be a notebook name such as '10_md4'; got {notebook!r}")
+    return notebook
+
+
+def results_path(
+    notebook: str,  # The notebook's name, e.g. "10_md4"
+    scale: str,  # One of `SCALES`
+    folder: str | Path | None = None,  # Default `results_dir()`
+    failed: bool = False,  # The partial metrics of a failed run instead of the last complete ones
+) -> Path:
+    "Where a notebook's results at one scale live: `folder/<scale>/<notebook>.json` (or `.failed.json`)."
+    _check_notebook_name(notebook)
+    folder = Path(folder) if folder is not None else results_dir()
+    return folder / check_scale(scale) / f"{notebook}{'.failed' if failed else ''}.json"
+
+
 class Results:
-    "The metrics of one notebook run, written to `results_dir()/<notebook>.json` on every `log`."
+    "The metrics of one notebook run, rewritten (atomically) on every `log`."
 
     def __init__(
         self,
         notebook: str,  # The notebook's name without extension, e.g. "10_md4"
         scale: str,  # The scale the notebook ran at
         seed: int,  # The seed it ran with
-        path: str | Path | None = None,  # Where to write; default `results_dir()/<notebook>.json`
+        path: str | Path | None = None,  # Where to write; default `results_path(notebook, scale)`, or the
+                                         # staging folder `$MDXLIB_RESULTS_STAGE` of a `mdxlib reproduce` run
     ):
-        if not notebook or not isinstance(notebook, str) or "/" in notebook:
-            raise ValueError(f"notebook must be a notebook name such as '10_md4'; got {notebook!r}")
-        self.notebook, self.scale, self.seed = notebook, check_scale(scale), int(seed)
-        self.path = Path(path) if path else results_dir() / f"{notebook}.json"
+        self.notebook, self.scale = _check_notebook_name(notebook), check_scale(scale)
+        self.seed = check_int(seed, "seed", minimum=0)
+        stage = os.environ.get("MDXLIB_RESULTS_STAGE")
+        if path is not None:
+            self.path = Path(path)
+        else:
+            self.path = Path(stage) / f"{notebook}.json" if stage else results_path(notebook, scale)
         self.metrics: dict[str, dict] = {}
 
     def log(
@@ -175,12 +264,8 @@ class Results:
                     written=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
     def save(self) -> Path:
-        "Write the file (atomically) and return its path."
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.as_dict(), indent=1))
-        tmp.replace(self.path)
-        return self.path
+        "Write the file atomically (unique temporary name, then rename) and return its path."
+        return write_json(self.path, self.as_dict())
 
     def comparison(
         self,
@@ -201,15 +286,26 @@ class Results:
         return head + (table.to_markdown(index=False) if len(table) else "_no metrics logged yet_")
 
     def __repr__(self):
-        return f"Results({self.notebook!r}, scale={self.scale!r}, seed={self.seed}, {len(self.metrics)} metrics → {self.path})"
+        return f"Results({self.notebook!r}, scale={self.scale!r}, seed={self.seed}, {len(self.metrics)} metrics)"
 
 
 def load_results(
     folder: str | Path | None = None,  # Default `results_dir()`
-) -> list[dict]:  # One dict per results file, sorted by notebook
-    "Read every `<notebook>.json` in `folder`."
-    folder = Path(folder) if folder else results_dir()
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    scale: str | None = None,  # Only this scale; default every scale
+    failed: bool = False,  # Also the partial metrics of failed runs (`<notebook>.failed.json`)
+) -> list[dict]:  # One dict per results file, sorted by notebook, then scale
+    "Read the results files of `folder` (`<scale>/<notebook>.json`); a damaged one is an error naming it."
+    folder = Path(folder) if folder is not None else results_dir()
+    out = []
+    for s in SCALES if scale is None else (check_scale(scale),):
+        for p in sorted((folder / s).glob("*.json")):
+            if p.name.endswith(".failed.json") and not failed:
+                continue
+            r = read_json(p)
+            if not isinstance(r, dict) or not {"notebook", "scale", "metrics"} <= set(r):
+                raise ValueError(f"{p} is not a results file (no notebook, scale and metrics); delete it")
+            out.append(r)
+    return sorted(out, key=lambda r: (r["notebook"], SCALES.index(r["scale"]) if r["scale"] in SCALES else 9))
 
 # %% ../nbs/00_core.ipynb
 def set_style(

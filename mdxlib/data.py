@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .checks import check_choice, check_float, check_int, check_positive, check_tensor
 from .core import data_dir, get_device
 
 # %% auto 0
@@ -138,12 +139,6 @@ SPLITS = ("train", "validation", "test")
 TEXT8_HUB_ID = "afmck/text8"  # one row of text per split: train 90M, validation 5M, test 5M characters
 
 
-def _check_choice(value, name: str, allowed: tuple) -> str:
-    "`value` if it is one of `allowed`, else a ValueError naming the argument `name`."
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
 
 def _hf_offline() -> bool:
     "Whether the environment forbids the Hugging Face Hub."
@@ -157,14 +152,29 @@ def _split_contiguous(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"train": ids[:n - 2 * k], "validation": ids[n - 2 * k:n - k], "test": ids[n - k:]}
 
 
+def _read_austen8(path: Path) -> torch.Tensor:
+    "The shipped corpus file as ids; a damaged file is a `ValueError` naming it."
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: rebuild it with build_austen8 (see nbs/01_data.ipynb)")
+    fix = "restore it from the repository (git checkout -- data/) or rebuild it with build_austen8"
+    try:
+        text = lzma.decompress(path.read_bytes()).decode("ascii")
+    except (lzma.LZMAError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"data file {path} is damaged ({type(e).__name__}: {e}); {fix}") from e
+    try:
+        return encode_chars(text)
+    except ValueError as e:
+        raise ValueError(f"data file {path} is damaged (it is not text8 text: {e}); {fix}") from e
+
+
 @functools.lru_cache(maxsize=2)
-def _corpus_splits(name: str) -> dict[str, torch.Tensor]:
-    "Decode a corpus once per process."
+def _corpus_splits(name: str, folder: str | None) -> dict[str, torch.Tensor]:
+    "Decode a corpus once per process (and data folder)."
     if name == "austen":
-        path = data_dir() / AUSTEN8_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: rebuild it with build_austen8 (see nbs/01_data.ipynb)")
-        return _split_contiguous(encode_chars(lzma.decompress(path.read_bytes()).decode("ascii")))
+        ids = _read_austen8(Path(folder) / AUSTEN8_FILE)
+        if len(ids) < 20:
+            raise ValueError(f"data file {Path(folder) / AUSTEN8_FILE} is damaged: {len(ids)} characters is too few")
+        return _split_contiguous(ids)
     hint = "load_char_corpus('austen') is the offline alternative that ships with mdxlib"
     if _hf_offline():
         raise ConnectionError(f"text8 comes from the Hugging Face Hub ({TEXT8_HUB_ID}) but HF_HUB_OFFLINE/"
@@ -183,27 +193,12 @@ def load_char_corpus(
     split: str = "train",  # "train", "validation" (or "val") or "test"
 ) -> torch.Tensor:  # int64 ids in [0, 27), shape (N,); shares memory with the cache: do not modify in place
     "One split of a character corpus in the text8 alphabet `CHARS`, decoded once and cached."
-    _check_choice(name, "name", CORPORA)
+    check_choice(name, "name", CORPORA)
     split = "validation" if split == "val" else split
-    _check_choice(split, "split", SPLITS)
-    return _corpus_splits(name)[split]
+    check_choice(split, "split", SPLITS)
+    return _corpus_splits(name, str(data_dir()) if name == "austen" else None)[split]
 
 # %% ../nbs/01_data.ipynb
-def _check_data(data) -> torch.Tensor:
-    "`data` if it is a 1-D integer tensor, else a clear error."
-    if not isinstance(data, torch.Tensor):
-        raise TypeError(f"data must be a 1-D integer torch.Tensor; got {type(data).__name__}")
-    if data.ndim != 1 or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
-        raise ValueError(f"data must be a 1-D integer tensor; got shape {tuple(data.shape)}, dtype {data.dtype}")
-    return data
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
-
-
 def random_batches(
     data: torch.Tensor,  # 1-D integer tensor, e.g. `load_char_corpus()`
     batch_size: int,  # B: windows per batch
@@ -212,8 +207,8 @@ def random_batches(
     device=None,  # Where to put the batches ("cpu", "cuda", ...); default `data.device`
 ) -> Iterator[torch.Tensor]:  # An infinite iterator of (B, T) int64 windows
     "Windows of `seq_len` consecutive ids at uniformly random starts, `batch_size` per batch, forever."
-    data = _check_data(data)
-    batch_size, seq_len = _check_positive_int(batch_size, "batch_size"), _check_positive_int(seq_len, "seq_len")
+    data = check_tensor(data, "data", ndim=1, kind="int")
+    batch_size, seq_len = check_positive(batch_size, "batch_size"), check_positive(seq_len, "seq_len")
     if seq_len > len(data):
         raise ValueError(f"seq_len must be at most len(data) = {len(data)}; got {seq_len}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -237,8 +232,8 @@ def sequential_batches(
     device=None,  # Where to put the batches ("cpu", "cuda", ...); default `data.device`
 ) -> Iterator[torch.Tensor]:  # A finite iterator of (B', T') int64 batches that together cover `data` once
     "Consecutive non-overlapping windows in order, for evaluation; the ends are explicit (see below)."
-    data = _check_data(data)
-    batch_size, seq_len = _check_positive_int(batch_size, "batch_size"), _check_positive_int(seq_len, "seq_len")
+    data = check_tensor(data, "data", ndim=1, kind="int")
+    batch_size, seq_len = check_positive(batch_size, "batch_size"), check_positive(seq_len, "seq_len")
     device = get_device(device) if device is not None else data.device
     n_windows = len(data) // seq_len
     windows = data[:n_windows * seq_len].view(n_windows, seq_len)  # (n_windows, T)
@@ -271,11 +266,9 @@ def load_digits_pixels(
     test_fraction: float = 0.2,  # Share of the 1,797 images in the test split, in (0, 1)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # x: (N, 64) int64 grey levels in [0, 17); y: (N,) int64 digit 0..9
     "scikit-learn's 8×8 digits as sequences of 64 discrete pixels, with a seeded train/test split."
-    _check_choice(split, "split", IMAGE_SPLITS)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be a number in (0, 1); got {test_fraction!r}")
+    check_choice(split, "split", IMAGE_SPLITS)
+    seed = check_int(seed, "seed", minimum=0)
+    test_fraction = check_float(test_fraction, "test_fraction", 0, 1, low_open=True, high_open=True)
     x, y = _sklearn_digits()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(seed)))
     n_test = round(test_fraction * len(x))
@@ -390,9 +383,9 @@ def load_easy_vqa(
     limit: int | None = None,  # Keep only the first `limit` images and the questions about them
 ) -> EasyVQA:  # Images, questions, answers and per-image shape/colour labels
     "easy-VQA from its PyPI package, with shape and colour labels for every image."
-    _check_choice(split, "split", IMAGE_SPLITS)
+    check_choice(split, "split", IMAGE_SPLITS)
     if limit is not None:
-        limit = _check_positive_int(limit, "limit")
+        limit = check_positive(limit, "limit")
     full = _easy_vqa_split(split)
     if limit is None or limit >= len(full.images):
         return full
@@ -411,7 +404,10 @@ FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 def _read_idx(path: Path) -> np.ndarray:
     "An IDX file of unsigned bytes (gzipped or not) as an array of its shape."
-    raw = (gzip.decompress if path.suffix == ".gz" else bytes)(path.read_bytes())
+    try:
+        raw = (gzip.decompress if path.suffix == ".gz" else bytes)(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"data file {path} is damaged ({type(e).__name__}: {e})") from e
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
     ndim = raw[3]
@@ -453,7 +449,7 @@ def load_fashion_mnist(
     root: str | Path | None = None,  # Folder of the IDX files; default data_dir()/fashion-mnist, then Debian's folder
 ) -> tuple[torch.Tensor, torch.Tensor]:  # images (N, 28, 28) uint8; labels (N,) int64 into FASHION_MNIST_CLASSES
     "Fashion-MNIST from its IDX files where they are present; a `FileNotFoundError` saying how to get them otherwise."
-    _check_choice(split, "split", IMAGE_SPLITS)
+    check_choice(split, "split", IMAGE_SPLITS)
     if root is not None and not isinstance(root, (str, Path)):
         raise TypeError(f"root must be a folder path or None; got {type(root).__name__}")
     return _fashion_mnist(split, None if root is None else str(Path(root).resolve()))

@@ -6,24 +6,26 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core import SCALES, check_scale, load_results, progress, project_root, results_dir
+from .checks import check_positive
+from .core import (SCALES, atomic_write, check_scale, file_digest, load_results, progress, project_root,
+                         read_json, results_dir, results_path, write_json)
 
 # %% auto 0
-__all__ = ['PAPERS', 'nbs_dir', 'find_notebooks', 'needs_gpu', 'NotebookRun', 'tidy_outputs', 'run_notebook', 'run_notebooks',
-           'results_frame', 'results_markdown', 'papers_table', 'notebook_markdown', 'write_readme', 'build_site',
-           'keep_outputs', 'reproduce', 'main']
+__all__ = ['PAPERS', 'nbs_dir', 'find_notebooks', 'needs_gpu', 'NotebookRun', 'source_hash', 'tidy_outputs', 'run_notebook',
+           'run_notebooks', 'results_frame', 'results_markdown', 'papers_table', 'notebook_markdown', 'site_url',
+           'readme_links', 'write_readme', 'build_site', 'keep_outputs', 'reproduce', 'main']
 
 # %% ../nbs/09_reproduce.ipynb
 def nbs_dir() -> Path:
@@ -74,26 +76,43 @@ class NotebookRun:
     def ok(self) -> bool: return self.error is None
 
 
-@contextmanager
-def _env(**values):
-    "Set environment variables for the kernels started inside the block."
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items() if v is not None})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+def source_hash(
+    path: str | Path,  # A notebook
+) -> str:  # Hex digest
+    "A hash of the notebook's cells (type and source), blind to outputs and metadata: what its results depend on."
+    h = hashlib.blake2b(digest_size=16)
+    for cell in read_json(path).get("cells", []):
+        source = cell.get("source", "")
+        h.update(f"{cell.get('cell_type', '')}\0{''.join(source) if isinstance(source, list) else source}\1".encode())
+    return h.hexdigest()
+
+
+def _kernel_manager(env: dict):
+    "A kernel manager class whose kernels start with `env` added to a copy of this process's environment."
+    from jupyter_client.manager import AsyncKernelManager
+
+    class _EnvKernelManager(AsyncKernelManager):
+        async def _async_pre_start_kernel(self, **kw):
+            kw["env"] = {**os.environ, **kw.get("env", {}), **{k: str(v) for k, v in env.items()}}
+            return await super()._async_pre_start_kernel(**kw)
+
+    return _EnvKernelManager
 
 
 _TQDM_TEXT = re.compile(r"\d+%\|")  # how a tqdm bar's text starts after its label: "label:  42%|"
+_KERNEL_NOISE = re.compile(r"\[IPKernelApp\] (WARNING|ERROR)[^\n]*\n?")  # a child kernel's log lines on stderr
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours and cursor moves
+
+
+def _plain(text) -> str:
+    text = "".join(text) if isinstance(text, list) else text
+    return _ANSI.sub("", _KERNEL_NOISE.sub("", text))
 
 
 def tidy_outputs(
-    path: str | Path,  # An executed notebook, rewritten in place
+    path: str | Path,  # An executed notebook, rewritten in place (atomically)
 ) -> bool:  # Whether anything changed
-    "Progress bars in their final state: streams merged, overwritten text dropped (nbconvert), tqdm widgets and widget state removed."
+    "Outputs for readers: bars in their final state, no tqdm widgets or widget state, no kernel log lines, no ANSI codes."
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
@@ -104,11 +123,36 @@ def tidy_outputs(
         cell.outputs = [o for o in cell.outputs if not (
             "application/vnd.jupyter.widget-view+json" in o.get("data", {})
             and _TQDM_TEXT.search(str(o["data"].get("text/plain", ""))))]
+        for o in cell.outputs:
+            if o.output_type == "stream":
+                o.text = _plain(o.text)
+            elif o.output_type == "error":
+                o.traceback = [_ANSI.sub("", t) for t in o.traceback]
+            elif "text/plain" in o.get("data", {}):
+                o.data["text/plain"] = _ANSI.sub("", "".join(o.data["text/plain"]))
+        cell.outputs = [o for o in cell.outputs if o.output_type != "stream" or o.text]
     nb.metadata.pop("widgets", None)  # the saved widget models: bars' last states, a slider's first view (size only)
     changed = nbformat.writes(nb) != before
     if changed:
-        nbformat.write(nb, str(path))
+        atomic_write(path, nbformat.writes(nb))
     return changed
+
+
+def _promote(stage: Path, base: Path, path: Path, scale: str, seed: int | None, error: str | None) -> list[Path]:
+    "Put a run's staged results in place: a complete run over the last complete one, a failed one beside it."
+    staged = {p.stem: read_json(p) for p in stage.glob("*.json")}
+    if error is not None and path.stem not in staged:  # failed before logging anything: flagged all the same
+        staged[path.stem] = dict(notebook=path.stem, scale=scale, seed=seed, metrics={})
+    written, digest = [], source_hash(path)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    for name, data in staged.items():
+        data.update(status="complete" if error is None else "failed", error=error, source=path.name,
+                    source_hash=digest, finished=now)
+        dest = results_path(name, data["scale"], base, failed=error is not None)
+        written.append(write_json(dest, data))
+        if error is None:  # a complete run supersedes an earlier failure
+            results_path(name, data["scale"], base, failed=True).unlink(missing_ok=True)
+    return written
 
 
 def run_notebook(
@@ -117,7 +161,8 @@ def run_notebook(
     scale: str = "cpu",  # Passed to the notebook's `parameters` cell
     seed: int | None = None,  # Passed too when given; else the notebook's own default
     cell_timeout: int | None = None,  # Seconds one cell may take (None: no limit)
-    results: str | Path | None = None,  # `MDXLIB_RESULTS` for the kernel; default `results_dir()`
+    results: str | Path | None = None,  # Results folder (`<scale>/<notebook>.json` inside); default `results_dir()`
+    env: dict | None = None,  # More environment variables for the kernel (this process's stay as they are)
 ) -> NotebookRun:
     "Execute one notebook with papermill; never raises for a failing cell (see `NotebookRun.error`)."
     import papermill as pm
@@ -133,19 +178,36 @@ def run_notebook(
             return NotebookRun(path.stem, None, 0.0, skipped="needs a GPU (notebook metadata mdxlib.gpu)")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
+    base = Path(results if results is not None else results_dir()).resolve()
+    (base / scale).mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".running", dir=base / scale))
     params = dict(scale=scale) if seed is None else dict(scale=scale, seed=int(seed))
+    started = dict(source=str(path.resolve()), file_digest=file_digest(path), scale=scale)
+    kernel_env = dict(MDXLIB_RESULTS=base, MDXLIB_RESULTS_STAGE=stage,
+                      MDXLIB_PROGRESS=os.environ.get("MDXLIB_PROGRESS") or "text",  # bars as text: final state kept
+                      **(env or {}))
     t0, error = time.perf_counter(), None
-    text_bars = os.environ.get("MDXLIB_PROGRESS") or "text"  # mdxlib's bars as text: their final state is kept
-    with _env(MDXLIB_RESULTS=Path(results or results_dir()).resolve(), MDXLIB_PROGRESS=text_bars):
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
+                            progress_bar=False, log_output=False, execution_timeout=cell_timeout,
+                            kernel_manager_class=_kernel_manager(kernel_env))
+    except PapermillExecutionError as e:
+        error = f"cell In [{e.exec_count}] of the executed copy: {e.ename}: {e.evalue}"
+    except Exception as e:  # a dead kernel or a timeout: still a failure of this notebook only
+        error = f"{type(e).__name__}: {e}"
+    except BaseException:  # interrupted: what was logged counts as a failed run, the last complete one stays
+        error = "interrupted"
+        raise
+    finally:
         try:
-            pm.execute_notebook(str(path), str(out), parameters=params, cwd=str(path.parent), kernel_name="python3",
-                                progress_bar=False, log_output=False, execution_timeout=cell_timeout)
-        except PapermillExecutionError as e:
-            error = f"cell In [{e.exec_count}] of the executed copy: {e.ename}: {e.evalue}"
-        except Exception as e:  # a dead kernel or a timeout: still a failure of this notebook only
-            error = f"{type(e).__name__}: {e}"
+            _promote(stage, base, path, scale, seed, error)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     if out.exists():
         tidy_outputs(out)
+        nb = read_json(out)
+        nb["metadata"]["mdxlib_run"] = started  # what keep_outputs checks before writing back
+        atomic_write(out, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return NotebookRun(path.stem, out, time.perf_counter() - t0, error)
 
 # %% ../nbs/09_reproduce.ipynb
@@ -160,24 +222,25 @@ def run_notebooks(
     seed: int | None = None,  # Their seed (None: each notebook's default)
     jobs: int = 1,  # Notebooks run at once (each in its own kernel); index always runs last, alone
     cell_timeout: int | None = None,  # Seconds one cell may take
+    results: str | Path | None = None,  # Results folder; default `results_dir()`
 ) -> list[NotebookRun]:
     "Run several notebooks with a progress bar; failures are collected, not raised."
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1; got {jobs}")
-    work = [(p, out_dir, scale, seed, cell_timeout) for p in paths]
-    last = [w for w in work if w[0].stem == "index"]
-    first = [w for w in work if w[0].stem != "index"]
+    jobs = check_positive(jobs, "jobs")
+    # several kernels at once share the cores, unless the user chose; passed to each kernel, never set here
+    share = {} if jobs == 1 or os.environ.get("MDXLIB_THREADS") else {"MDXLIB_THREADS": max(1, (os.cpu_count() or 1) // jobs)}
+    work = [(p, out_dir, scale, seed, cell_timeout, results, share) for p in paths if p.stem != "index"]
+    last = [(p, out_dir, scale, seed, cell_timeout, results, {}) for p in paths if p.stem == "index"]
     runs = []
-    bar = progress(total=len(work), desc=f"notebooks ({scale})")
+    bar = progress(total=len(paths), desc=f"notebooks ({scale})")
     if jobs == 1:
-        for w in first:
+        for w in work:
             bar.set_postfix_str(w[0].stem)
             runs.append(_run_one(w)); bar.update()
     else:
         from concurrent.futures import ThreadPoolExecutor  # each notebook runs in its own kernel process
-        threads = os.environ.get("MDXLIB_THREADS") or max(1, (os.cpu_count() or 1) // jobs)  # share the cores
-        with _env(MDXLIB_THREADS=threads), ThreadPoolExecutor(jobs) as ex:
-            for r in ex.map(_run_one, first):
+
+        with ThreadPoolExecutor(jobs) as ex:
+            for r in ex.map(_run_one, work):
                 runs.append(r); bar.update()
     for w in last:
         runs.append(_run_one(w)); bar.update()
@@ -185,16 +248,55 @@ def run_notebooks(
     return runs
 
 # %% ../nbs/09_reproduce.ipynb
+def _records(
+    folder: str | Path | None = None,  # Results folder; default `results_dir()`
+    nbs: str | Path | None = None,  # Notebooks, for the stale check; default the checkout's nbs/ when there is one
+    scale: str | None = None,  # Only this scale
+) -> dict[tuple[str, str], tuple[dict, str]]:  # (notebook, scale) -> (the record shown, its status)
+    "Per notebook and scale: the last complete results (else a failed run's), flagged 'failed' and/or 'stale'."
+    if nbs is None:
+        try:
+            nbs = nbs_dir()
+        except FileNotFoundError:
+            nbs = None
+    current = {}
+    def now_hash(source):
+        if nbs is not None and source and source not in current:
+            current[source] = source_hash(Path(nbs) / source) if (Path(nbs) / source).is_file() else None
+        return current.get(source)
+
+    groups: dict = {}
+    for r in load_results(folder, scale=scale, failed=True):
+        groups.setdefault((r["notebook"], r["scale"]), {})[r.get("status") == "failed"] = r
+    out = {}
+    for key, g in groups.items():
+        done, failed = g.get(False), g.get(True)
+        shown, flags = done or failed, []
+        if failed is not None and (done is None or failed.get("finished", "") >= done.get("finished", "")):
+            flags.append("failed")
+        digest = now_hash(shown.get("source"))
+        if shown.get("source_hash") and digest and digest != shown["source_hash"]:
+            flags.append("stale")
+        out[key] = (shown, ", ".join(flags) or "ok")
+    return out
+
+
 def results_frame(
     folder: str | Path | None = None,  # Default `results_dir()`
+    nbs: str | Path | None = None,  # Notebooks for the stale check; default the checkout's nbs/
+    scale: str | None = None,  # Only this scale; default all
 ):
-    "All recorded metrics as one pandas DataFrame: notebook, metric, ours, paper, unit, scale, seed, setting."
+    "All recorded metrics as one DataFrame: notebook, metric, ours, paper, unit, scale, seed, status, setting."
     import pandas as pd
 
-    rows = [dict(notebook=r["notebook"], metric=k, ours=m["value"], paper=m.get("paper"), unit=m.get("unit", ""),
-                 scale=r["scale"], seed=r["seed"], setting=m.get("setting", ""))
-            for r in load_results(folder) for k, m in r["metrics"].items()]
-    cols = ["notebook", "metric", "ours", "paper", "unit", "scale", "seed", "setting"]
+    rows = []
+    for (nb, s), (r, status) in sorted(_records(folder, nbs, scale).items(),
+                                        key=lambda kv: (kv[0][0], SCALES.index(kv[0][1]))):
+        metrics = r["metrics"] or {"": dict(value=None)}  # a run that failed before logging: one row says so
+        rows += [dict(notebook=nb, metric=k, ours=m["value"], paper=m.get("paper"), unit=m.get("unit", ""),
+                      scale=s, seed=r.get("seed"), status=status, setting=m.get("setting", ""))
+                 for k, m in metrics.items()]
+    cols = ["notebook", "metric", "ours", "paper", "unit", "scale", "seed", "status", "setting"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -248,16 +350,20 @@ def papers_table(
     folder: str | Path | None = None,  # Results folder; default `results_dir()`
     nbs: str | Path | None = None,  # Notebook folder; default the checkout's nbs/
 ) -> str:  # GitHub Markdown
-    "The papers table of the home page: notebook link, claim, status, the paper's headline and ours (with its scale)."
+    "The papers table of the home page: notebook link, claim, status, the paper's headline and ours (largest scale run)."
     nbs = Path(nbs) if nbs else nbs_dir()
-    found = {r["notebook"]: r for r in load_results(folder)} if Path(folder or results_dir()).is_dir() else {}
+    records = _records(folder, nbs)
     rows = ["| # | paper | claim | status | paper's headline | ours |", "|---|---|---|---|---|---|"]
     for i, (nb, title, claim, headline, metric) in enumerate(PAPERS, 1):
         landed = (nbs / f"{nb}.ipynb").exists()
         link = f"[{title}]({nb}.ipynb)" if landed else title
-        r = found.get(nb, {})
-        m = r.get("metrics", {}).get(metric)
-        ours = f"{m['value']:.4g} ({r['scale']} scale)" if m else "—"
+        ours = "—"
+        for s in reversed(SCALES):  # the largest scale that recorded the headline metric
+            r, flag = records.get((nb, s), ({}, "ok"))
+            m = r.get("metrics", {}).get(metric)
+            if m is not None:
+                ours = f"{m['value']:.4g} ({s} scale{'' if flag == 'ok' else '; ' + flag})"
+                break
         status = "notebook" if landed else "planned"
         rows.append(f"| {i} | {link} | {claim} | {status} | {headline} | {ours} |")
     return "\n".join(rows) + "\n"
@@ -282,16 +388,39 @@ def notebook_markdown(
     return "\n\n".join(p.strip() for p in parts if p.strip()) + "\n"
 
 
+def site_url() -> str:
+    "The documentation site's address, from settings.ini (`doc_host` + `doc_baseurl`)."
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(nbs_dir().parent / "settings.ini")
+    return cfg["DEFAULT"]["doc_host"].rstrip("/") + "/" + cfg["DEFAULT"]["doc_baseurl"].strip("/")
+
+
+def readme_links(
+    markdown: str,  # Markdown written for nbs/ (the index notebook)
+    site: str,  # The site's address, e.g. `site_url()`
+) -> str:
+    "Links that work in README.md on the code host: notebooks → `nbs/<name>.ipynb`, other relative pages → the site."
+    def fix(m):
+        text, target = m.group(1), m.group(2)
+        if re.match(r"[a-z][a-z0-9+.-]*:|#|/", target):  # absolute, an anchor or rooted: as written
+            return m.group(0)
+        if target.endswith(".ipynb"):
+            return f"[{text}](nbs/{target})"
+        return f"[{text}]({site}/{Path(target).with_suffix('.html').as_posix()})"
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", fix, markdown)
+
+
 def write_readme(
     index: str | Path | None = None,  # Default nbs/index.ipynb
     readme: str | Path | None = None,  # Default README.md at the top of the checkout
 ) -> Path:
-    "Write README.md from the index notebook."
+    "Write README.md from the index notebook, its links made to work on the code host."
     index = Path(index) if index else nbs_dir() / "index.ipynb"
     readme = Path(readme) if readme else nbs_dir().parent / "README.md"
-    readme.write_text("<!-- Written from nbs/index.ipynb by `mdxlib readme`: edit the notebook, not this file. -->\n\n"
-                      + notebook_markdown(index))
-    return readme
+    return atomic_write(readme, "<!-- Written from nbs/index.ipynb by `mdxlib readme`: edit the notebook, not this "
+                        "file. -->\n\n" + readme_links(notebook_markdown(index), site_url()))
 
 # %% ../nbs/09_reproduce.ipynb
 def build_site(
@@ -307,6 +436,9 @@ def build_site(
         from smalldocs.site import build
     except ImportError as e:
         raise ImportError("building the site needs the dev extras: pip install -e '.[dev]'") from e
+    if executed is not None and not any(Path(executed).glob("*.ipynb")):
+        raise FileNotFoundError(f"executed: {executed} holds no executed notebooks (is the folder right? "
+                                "`mdxlib reproduce` writes them to _reproduce/<scale>/)")
     src_nbs = nbs_dir()
     root = src_nbs.parent
     out = Path(out) if out else root / "_docs"
@@ -322,9 +454,10 @@ def build_site(
                 shutil.copy(nb, stage / nb.name)
     df = results_frame(results)
     (stage / "results.md").write_text(
-        "---\ntitle: Results\n---\n\nEvery metric the notebooks recorded (`results/*.json`), beside the paper's number "
-        "where there is one. `scale` says how big the run was: `cpu` runs are small-scale reproductions, so read "
-        "the setting column before comparing.\n\n" + results_markdown(df))
+        "---\ntitle: Results\n---\n\nEvery metric the notebooks recorded (`results/<scale>/*.json`), beside the paper's "
+        "number where there is one. `scale` says how big the run was: `cpu` runs are small-scale reproductions, so "
+        "read the setting column before comparing. `status` flags a notebook whose last run failed or whose cells "
+        "changed since its results were written (stale).\n\n" + results_markdown(df))
     cwd = os.getcwd()
     try:
         os.chdir(project)  # nbdev finds settings.ini from the working folder (and caches what it found)
@@ -343,44 +476,71 @@ def build_site(
     return out
 
 # %% ../nbs/09_reproduce.ipynb
+def _complete(nb) -> bool:
+    "Whether papermill recorded the run as finished with every code cell completed."
+    meta = nb.metadata.get("papermill", {})
+    return bool(meta.get("end_time")) and not meta.get("exception") and all(
+        c.metadata.get("papermill", {}).get("status") == "completed" for c in nb.cells if c.cell_type == "code")
+
+
+def _nbdev_cleaned(text: str, root: Path) -> str:
+    "The notebook text as `nbdev_clean` leaves it, with the settings.ini of `root` (in memory: no file is touched)."
+    try:
+        from execnb.nbio import nb2str
+        from nbdev.clean import clean_nb
+        from nbdev.config import get_config
+    except ImportError as e:
+        raise ImportError("cleaning notebooks needs the dev extras (nbdev): pip install -e '.[dev]'") from e
+    cfg, nb = get_config(path=root), json.loads(text)
+    clean_nb(nb, cfg.clear_all, cfg.get("allowed_metadata_keys").split(), cfg.get("allowed_cell_metadata_keys").split(),
+             cfg.clean_ids)
+    return nb2str(nb)
+
+
 def keep_outputs(
     executed: str | Path,  # Folder of executed notebooks (e.g. _reproduce/cpu)
     names: list[str] | None = None,  # Notebook stems to keep; default all in `executed`
     nbs: str | Path | None = None,  # Destination; default the checkout's nbs/
 ) -> list[Path]:  # The notebooks written
-    "Copy executed notebooks into nbs/ without papermill's injected cell, cleaned."
+    "Write complete cpu-scale runs back into nbs/ (injected cell dropped, cleaned, atomically), unless a notebook changed."
     import nbformat
 
     nbs = Path(nbs) if nbs else nbs_dir()
-    written = []
-    for src in sorted(Path(executed).glob("*.ipynb")):
+    root = nbs.parent if (nbs.parent / "settings.ini").is_file() else (project_root() or nbs.parent)
+    ready = []
+    for src in sorted(Path(executed).glob("*.ipynb")):  # check them all before writing any
         if names is not None and src.stem not in names:
             continue
         nb = nbformat.read(str(src), as_version=4)
-        if not any("parameters" in c.metadata.get("tags", []) and "scale" in c.source and '"cpu"' in c.source for c in nb.cells):
-            raise ValueError(f"executed: {src.name} has no parameters cell with scale = \"cpu\"; refusing to commit its outputs")
-        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-        if any('"cpu"' not in c.source and "'cpu'" not in c.source for c in injected):
-            raise ValueError(f"executed: {src.name} ran at another scale than cpu; committed outputs must be cpu scale")
-        nb.cells = [c for c in nb.cells if c not in injected]
+        run, dest = nb.metadata.get("mdxlib_run"), nbs / src.name
+        if not _complete(nb):
+            raise ValueError(f"executed: {src} is not a run papermill recorded as complete (a cell failed or the run "
+                             "was interrupted); refusing to commit its outputs")
+        if not run:
+            raise ValueError(f"executed: {src} was not executed by mdxlib's run_notebook (it records the file it ran)")
+        if run["scale"] != "cpu" or not any("parameters" in c.metadata.get("tags", []) and '"cpu"' in c.source
+                                            for c in nb.cells):
+            raise ValueError(f"executed: {src.name} ran at scale {run['scale']!r}; committed outputs must be cpu scale")
+        if dest.exists() and file_digest(dest) != run["file_digest"]:
+            raise ValueError(f"nbs: {dest} changed since its run started; refusing to overwrite it (run it again)")
+        nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
         for c in nb.cells:
             c.metadata.pop("papermill", None); c.metadata.pop("execution", None)
-        nb.metadata.pop("papermill", None)
-        dest = nbs / src.name
-        nbformat.write(nb, str(dest))
-        written.append(dest)
-    clean = Path(sys.executable).parent / "nbdev_clean"
-    if written and not clean.exists():
-        raise ImportError("cleaning notebooks needs the dev extras (nbdev): pip install -e '.[dev]'")
-    for dest in written:
-        subprocess.run([str(clean), "--fname", str(dest)], cwd=nbs.parent, check=True, capture_output=True)
-    return written
+        for key in ("papermill", "mdxlib_run"):
+            nb.metadata.pop(key, None)
+        ready.append((dest, _nbdev_cleaned(nbformat.writes(nb), root), run["file_digest"]))
+    for dest, text, digest in ready:
+        if dest.exists() and file_digest(dest) != digest:  # checked again just before the rename
+            raise ValueError(f"nbs: {dest} changed since its run started; refusing to overwrite it (run it again)")
+        atomic_write(dest, text)
+    return [dest for dest, _, _ in ready]
 
 # %% ../nbs/09_reproduce.ipynb
 def reproduce(
     scale: str = "cpu",  # Scale of every notebook
     only: list[str] | None = None,  # Notebook names (see `find_notebooks`); default all
-    out: str | Path | None = None,  # Executed notebooks go to OUT/<scale>/; default `_reproduce` in the checkout
+    out: str | Path | None = None,  # Executed notebooks go to OUT/<scale>/, results to OUT/results/ (nothing into
+                                    # the checkout); default `_reproduce` in the checkout and `results_dir()`
     jobs: int = 1,  # Notebooks run at once
     seed: int | None = None,  # Override every notebook's seed
     site: bool = True,  # Build the site afterwards
@@ -391,23 +551,24 @@ def reproduce(
     if inplace and scale != "cpu":
         raise ValueError(f"inplace: committed notebooks carry cpu-scale outputs; got scale={scale!r}")
     paths = find_notebooks(only=only)
+    results = Path(out) / "results" if out else results_dir()
     out = Path(out) if out else nbs_dir().parent / "_reproduce"
     executed = out / scale
     t0 = time.perf_counter()
-    runs = run_notebooks(paths, executed, scale=scale, seed=seed, jobs=jobs)
+    runs = run_notebooks(paths, executed, scale=scale, seed=seed, jobs=jobs, results=results)
     for r in runs:
         status = "skipped: " + r.skipped if r.skipped else ("ok" if r.ok else "FAILED " + r.error)
         print(f"{r.name:<24} {r.seconds:7.1f} s  {status}")
-    df = results_frame()
-    (out / "results.md").write_text(results_markdown(df))
-    (out / "results.html").write_text(df.to_html(index=False, na_rep=""))
+    df = results_frame(results, scale=scale)
+    atomic_write(out / "results.md", results_markdown(df))
+    atomic_write(out / "results.html", df.to_html(index=False, na_rep=""))
     print("\n" + results_markdown(df))
     print(f"results table: {out / 'results.md'} and {out / 'results.html'}")
     if inplace:
         kept = keep_outputs(executed, names=[r.name for r in runs if r.ok and not r.skipped])
         print(f"outputs kept in nbs/: {', '.join(p.name for p in kept)}")
     if site:
-        print(f"site: {build_site(executed=executed)}/index.html")
+        print(f"site: {build_site(executed=executed, results=results)}/index.html")
     failed = [r for r in runs if not r.ok]
     print(f"{len(runs) - len(failed)} notebooks ran, {len(failed)} failed, in {time.perf_counter() - t0:.0f} s")
     for r in failed:
@@ -427,22 +588,29 @@ def main(
                                    "(Markdown and HTML), then build the site into _docs/.")
     r.add_argument("--scale", default="cpu", choices=SCALES, help="smoke: seconds each (CI); cpu: minutes each (default); full: paper size, GPU")
     r.add_argument("--only", nargs="+", metavar="NAME", help="notebooks to run, e.g. core 10_md4 (default: all)")
-    r.add_argument("--out", type=Path, help="folder for executed notebooks and the results table (default: _reproduce/)")
+    r.add_argument("--out", type=Path, help="folder for executed notebooks, their results and the table "
+                   "(default: _reproduce/ and results/)")
     r.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
     r.add_argument("--seed", type=int, help="override every notebook's seed")
     r.add_argument("--no-site", action="store_true", help="skip building the site")
     r.add_argument("--inplace", action="store_true", help="copy the executed notebooks back into nbs/ (cpu scale; for committing outputs)")
-    sub.add_parser("results", help="print the results table from results/*.json")
+    t = sub.add_parser("results", help="print the results table from results/<scale>/*.json (failed and stale flagged)")
+    t.add_argument("--scale", choices=SCALES, help="only this scale (default: all)")
+    t.add_argument("--folder", type=Path, help="results folder (default: the checkout's results/)")
     d = sub.add_parser("docs", help="build the site offline into _docs/ (executed notebooks from --executed when given)")
     d.add_argument("--executed", type=Path, help="folder of executed notebooks, e.g. _reproduce/cpu")
     sub.add_parser("readme", help="write README.md from nbs/index.ipynb")
     a = p.parse_args(argv)
     if a.command == "reproduce":
         return reproduce(a.scale, a.only, a.out, a.jobs, a.seed, site=not a.no_site, inplace=a.inplace)
-    if a.command == "results":
-        print(results_markdown(results_frame()))
-    elif a.command == "docs":
-        print(f"{build_site(executed=a.executed, quiet=False)}/index.html")
-    elif a.command == "readme":
-        print(write_readme())
+    try:
+        if a.command == "results":
+            print(results_markdown(results_frame(a.folder, scale=a.scale)))
+        elif a.command == "docs":
+            print(f"{build_site(executed=a.executed, quiet=False)}/index.html")
+        elif a.command == "readme":
+            print(write_readme())
+    except (FileNotFoundError, ValueError) as e:  # a damaged results file, a folder that is not there
+        print(f"mdxlib {a.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import random
 import shutil
+import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -16,16 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import send_to_device
+from accelerate.utils import broadcast_object_list, send_to_device
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .checks import check_choice, check_float, check_int, check_tensor
 from .core import evaluating, get_device, progress, seed_everything
 
 # %% auto 0
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'TrainConfig', 'param_groups', 'make_scheduler', 'History', 'latest_checkpoint',
-           'load_weights', 'train']
+           'load_weights', 'train', 'evaluate_lm']
 
 # %% ../nbs/03_train.ipynb
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -34,22 +39,6 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 _TRAJECTORY_FIELDS = ("steps", "lr", "weight_decay", "warmup_steps", "grad_clip", "grad_accum", "ema_decay", "seed",
                       "betas", "lr_schedule", "min_lr_ratio", "mixed_precision")
 
-
-def _check_int(name, value, minimum, optional=False):
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}; got {value!r}")
-
-
-def _check_float(name, value, low, high, low_open=False, high_open=False, optional=False):
-    if value is None and optional:
-        return
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}{' or None' if optional else ''}; got {value!r}")
 
 
 @dataclass
@@ -74,35 +63,31 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (passed to `accelerate`)
 
     def __post_init__(self):
-        _check_int("steps", self.steps, 1)
-        _check_float("lr", self.lr, 0, math.inf, low_open=True, high_open=True)
-        _check_float("weight_decay", self.weight_decay, 0, math.inf, high_open=True)
-        _check_int("warmup_steps", self.warmup_steps, 0)
+        check_int(self.steps, "steps", minimum=1)
+        check_float(self.lr, "lr", 0, low_open=True)
+        check_float(self.weight_decay, "weight_decay", 0)
+        check_int(self.warmup_steps, "warmup_steps", minimum=0)
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps must be smaller than steps; got warmup_steps={self.warmup_steps}, steps={self.steps}")
-        _check_float("grad_clip", self.grad_clip, 0, math.inf, low_open=True, high_open=True, optional=True)
-        _check_int("grad_accum", self.grad_accum, 1)
-        _check_float("ema_decay", self.ema_decay, 0, 1, low_open=True, high_open=True, optional=True)
+        check_float(self.grad_clip, "grad_clip", 0, low_open=True, optional=True)
+        check_int(self.grad_accum, "grad_accum", minimum=1)
+        check_float(self.ema_decay, "ema_decay", 0, 1, low_open=True, high_open=True, optional=True)
         for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), 1, optional=True)
-        _check_int("log_every", self.log_every, 1)
+            check_int(getattr(self, name), name, minimum=1, optional=True)
+        check_int(self.log_every, "log_every", minimum=1)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
             raise TypeError(f"checkpoint_dir must be a path or None; got {type(self.checkpoint_dir).__name__}")
         if self.checkpoint_every is not None and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every is set but checkpoint_dir is None: say where checkpoints go")
-        _check_int("seed", self.seed, 0)
+        check_int(self.seed, "seed", minimum=0)
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise ValueError(f"betas must be a pair of numbers in [0, 1); got {self.betas!r}")
-        for b in self.betas:
-            _check_float("betas", b, 0, 1, high_open=True)
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
-        _check_float("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        self.betas = tuple(check_float(b, "betas", 0, 1, high_open=True) for b in self.betas)
+        check_choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
+        check_float(self.min_lr_ratio, "min_lr_ratio", 0, 1)
         if self.min_lr_ratio > 0 and self.lr_schedule != "cosine":
             raise ValueError(f"min_lr_ratio only applies to the cosine schedule; got lr_schedule={self.lr_schedule!r}")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}; got {self.mixed_precision!r}")
+        check_choice(self.mixed_precision, "mixed_precision", MIXED_PRECISIONS)
 
 # %% ../nbs/03_train.ipynb
 def param_groups(
@@ -152,13 +137,53 @@ class History:
 _CHECKPOINT = "step_{:08d}"
 
 
+def _checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    "The complete checkpoints in `checkpoint_dir`, newest first."
+    done = [p for p in Path(checkpoint_dir).glob("step_*")
+            if p.is_dir() and p.name[5:].isdigit() and (p / "state.pt").exists()]
+    return sorted(done, key=lambda p: int(p.name[5:]), reverse=True)
+
+
 def latest_checkpoint(
     checkpoint_dir: str | Path,  # A `TrainConfig.checkpoint_dir`
 ) -> Path | None:  # The complete checkpoint with the highest step, or None
     "The newest complete checkpoint in `checkpoint_dir`."
-    folder = Path(checkpoint_dir)
-    done = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit() and (p / "state.pt").exists()]
-    return max(done, key=lambda p: int(p.name[5:]), default=None)
+    return next(iter(_checkpoints(checkpoint_dir)), None)
+
+
+def _save(obj, path: Path) -> None:
+    "torch.save, flushed to disk before returning."
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    "Make a rename inside `folder` durable (where the platform allows opening folders)."
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_checkpoint(path: Path, process_index: int) -> tuple[dict, dict]:
+    "The state and this process's generators of a checkpoint; a `ValueError` naming it when it cannot be read."
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(path / f"rng_{process_index}.pt", weights_only=True)
+    except Exception as e:  # truncated, overwritten, missing: torch raises several kinds
+        raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from e
+    missing = {"step", "micro_batches", "model", "optimizer", "scheduler", "history", "config"} - set(state)
+    if missing:
+        raise ValueError(f"checkpoint {path} is damaged (state.pt lacks {sorted(missing)})")
+    return state, rng
 
 
 def _rng_state(data_generator: torch.Generator | None) -> dict:
@@ -192,7 +217,7 @@ def load_weights(
         path = latest_checkpoint(path) if path.is_dir() else None
         if path is None:
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} is neither a checkpoint nor a folder of checkpoints")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state, _ = _read_checkpoint(path, 0)
     if ema and state["ema"] is None:
         raise ValueError(f"checkpoint {path} has no EMA weights: the run had ema_decay=None")
     weights = state["model"] if not ema else {k.removeprefix("module."): v for k, v in state["ema"].items()
@@ -312,35 +337,43 @@ def _train_step(model, loss_fn, stream, optimizer, scheduler, trainable, acceler
 # %% ../nbs/03_train.ipynb
 def _save_checkpoint(folder: Path, step: int, accelerator, raw_model, optimizer, scheduler, ema, history,
                      config, data_generator, keep: int | None) -> Path:
-    "Write the checkpoint of `step` atomically and drop the oldest beyond `keep`."
+    "Write the checkpoint of `step` atomically (unique temporary folder, files fsynced, then renamed); drop the oldest."
     path = folder / _CHECKPOINT.format(step)
-    tmp = path.with_name(path.name + ".tmp")
+    name = [None]
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(data_generator), tmp / f"rng_{accelerator.process_index}.pt")
+        folder.mkdir(parents=True, exist_ok=True)
+        name = [tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)]
+    tmp = Path(broadcast_object_list(name)[0])  # every process writes into the folder the main process made
+    try:
+        _save(_rng_state(data_generator), tmp / f"rng_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            _save(dict(step=step, micro_batches=step * config.grad_accum, model=raw_model.state_dict(),
+                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                       ema=None if ema is None else ema.state_dict(), history=history.records(),
+                       config={**asdict(config), "checkpoint_dir": str(config.checkpoint_dir)},
+                       num_processes=accelerator.num_processes), tmp / "state.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            tmp.chmod(0o755)  # mkdtemp's 0o700 would make the checkpoint private
+            _fsync_dir(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            _fsync_dir(folder)
+    finally:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # only left when something failed
     if accelerator.is_main_process:
-        torch.save(dict(step=step, micro_batches=step * config.grad_accum, model=raw_model.state_dict(),
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        ema=None if ema is None else ema.state_dict(), history=history.records(),
-                        config={**asdict(config), "checkpoint_dir": str(config.checkpoint_dir)},
-                        num_processes=accelerator.num_processes), tmp / "state.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        done = sorted((p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        done = sorted((p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                      key=lambda p: int(p.name[5:]))
         for old in done[:-keep] if keep else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return path
 
 
-def _load_checkpoint(path: Path, accelerator, raw_model, optimizer, scheduler, ema, history, config,
-                     data_generator) -> tuple[int, int]:
-    "Restore everything `_save_checkpoint` wrote: (step, micro-batches used per process)."
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+def _load_checkpoint(path: Path, state: dict, rng: dict, accelerator, raw_model, optimizer, scheduler, ema, history,
+                     config, data_generator) -> tuple[int, int]:
+    "Restore everything `_save_checkpoint` wrote (read by `_read_checkpoint`): (step, micro-batches used per process)."
     differ = [f"{k}: checkpoint {state['config'][k]!r}, config {getattr(config, k)!r}" for k in _TRAJECTORY_FIELDS
               if list(np.atleast_1d(state["config"][k])) != list(np.atleast_1d(getattr(config, k)))]
     if differ:
@@ -355,8 +388,25 @@ def _load_checkpoint(path: Path, accelerator, raw_model, optimizer, scheduler, e
         ema.load_state_dict(state["ema"])
     for name, values in state["history"].items():
         setattr(history, name, list(values))
-    _set_rng_state(torch.load(path / f"rng_{accelerator.process_index}.pt", weights_only=True), data_generator)
+    _set_rng_state(rng, data_generator)
     return state["step"], state["micro_batches"]
+
+
+def _resume_from(resume, checkpoint_dir, process_index: int) -> tuple[Path, dict, dict] | None:
+    "The checkpoint to resume and its contents: the newest intact one for `resume=True` (warning about broken ones)."
+    if resume is False:
+        return None
+    if resume is not True:
+        path = Path(resume)
+        if not (path / "state.pt").exists():
+            raise FileNotFoundError(f"resume: {path} is not a checkpoint (no state.pt)")
+        return (path, *_read_checkpoint(path, process_index))
+    for path in _checkpoints(checkpoint_dir):
+        try:
+            return (path, *_read_checkpoint(path, process_index))
+        except ValueError as e:
+            warnings.warn(f"{e}; resuming from an older checkpoint", stacklevel=3)
+    return None
 
 # %% ../nbs/03_train.ipynb
 def train(
@@ -387,13 +437,9 @@ def train(
         raise TypeError(f"resume must be True, False or a checkpoint path; got {resume!r}")
     if resume is True and config.checkpoint_dir is None:
         raise ValueError("resume=True needs config.checkpoint_dir to look for checkpoints in")
-    checkpoint = latest_checkpoint(config.checkpoint_dir) if resume is True else None
-    if isinstance(resume, (str, Path)):
-        checkpoint = Path(resume)
-        if not (checkpoint / "state.pt").exists():
-            raise FileNotFoundError(f"resume: {checkpoint} is not a checkpoint (no state.pt)")
 
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=get_device().type == "cpu")
+    found = _resume_from(resume, config.checkpoint_dir, accelerator.process_index)  # read before anything changes
     trainable = _trainable(model, params)
     chosen = {id(p) for p in trainable}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
@@ -412,10 +458,10 @@ def train(
         raw = accelerator.unwrap_model(model)
         ema = None if config.ema_decay is None else AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
         history, start, used = History(ema=ema), 0, 0
-        if checkpoint is not None:
-            start, used = _load_checkpoint(checkpoint, accelerator, raw, opt, scheduler, ema, history, config,
+        if found is not None:
+            start, used = _load_checkpoint(*found, accelerator, raw, opt, scheduler, ema, history, config,
                                            data_generator)
-            history.checkpoint = checkpoint
+            history.checkpoint = found[0]
         stream = _batch_stream(batches, data_generator, used, config.steps * config.grad_accum)
         model.train()
         quiet = {} if show_progress and accelerator.is_local_main_process else {"disable": True}
@@ -440,3 +486,42 @@ def train(
         for p in frozen:
             p.requires_grad_(True)
     return history
+
+# %% ../nbs/03_train.ipynb
+def _lm_targets(batch) -> tuple[dict, torch.Tensor]:
+    "A batch's model inputs and its next-token targets (B, T-1), -100 where nothing is scored."
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(f"a batch must be a (B, T) token tensor or a dict with 'input_ids'; got {type(batch).__name__}")
+    ids = check_tensor(batch["input_ids"], "input_ids", ndim=2, kind="int")
+    labels = check_tensor(batch.get("labels", ids), "labels", ndim=2, kind="int")
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(ids.shape)}; got {tuple(labels.shape)}")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels = labels.masked_fill(check_tensor(mask, "attention_mask").to(labels.device) == 0, -100)  # padding
+    return {k: v for k, v in batch.items() if k != "labels"}, labels[:, 1:]
+
+
+def evaluate_lm(
+    model: nn.Module,  # A causal LM whose output has `.logits` (B, T, V)
+    batches: Iterable,  # (B, T) token tensors, or dicts of model inputs with `input_ids` and optional `labels`
+                        # (-100: not scored) and `attention_mask` (0: padding, not scored)
+) -> dict[str, float]:  # {"loss": nats per target token, "ppl": perplexity, "tokens": number of targets}
+    "Token-weighted next-token loss over every target token of `batches` (eval mode and no grad inside)."
+    total, n = 0.0, 0
+    with evaluating(model):
+        device = next(model.parameters()).device
+        for batch in batches:
+            inputs, targets = _lm_targets(batch)
+            k = int((targets != -100).sum())
+            if k == 0:  # one-token rows or nothing scored: no prediction to count
+                continue
+            logits = model(**send_to_device(inputs, device)).logits[:, :-1]  # (B, T-1, V)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(device), ignore_index=-100,
+                                     reduction="sum").item()
+            n += k
+    if n == 0:
+        raise ValueError("batches hold no target token: every row is shorter than 2 tokens or all its labels are -100")
+    return dict(loss=total / n, ppl=math.exp(total / n), tokens=n)

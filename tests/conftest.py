@@ -20,7 +20,7 @@ def pytest_addoption(parser):
 
 @pytest.fixture(scope="session", autouse=True)
 def _results_dir(tmp_path_factory):
-    "Every notebook and test writes its results into one temporary folder, never into the checkout."
+    "Every notebook and test writes its results into one temporary folder (`<scale>/<notebook>.json`), never into the checkout."
     d = tmp_path_factory.mktemp("results")
     os.environ["MDXLIB_RESULTS"] = str(d)
     return d

@@ -14,6 +14,7 @@ import nbformat
 import pytest
 import torch
 
+from mdxlib.core import results_path
 from mdxlib.reproduce import find_notebooks, needs_gpu, run_notebook
 
 REFERENCE = Path(__file__).parent / "reference" / "smoke.json"
@@ -76,7 +77,7 @@ def test_notebooks_discovered():
 def test_notebook_smoke(nb, tmp_path, references, _results_dir, request):
     if needs_gpu(nb) and not torch.cuda.is_available():
         pytest.skip(f"{nb.name} needs a GPU (notebook metadata mdxlib.gpu)")
-    results_file = _results_dir / f"{nb.stem}.json"
+    results_file = results_path(nb.stem, "smoke", _results_dir)
     results_file.unlink(missing_ok=True)
     run = run_notebook(nb, tmp_path, scale="smoke", cell_timeout=TIMEOUT, results=_results_dir)
     if not run.ok:
