@@ -43,7 +43,8 @@ def compare(reference: dict, metrics: dict) -> list[str]:
             continue
         new = metrics[name]["value"]
         if not math.isclose(new, ref["value"], rel_tol=ref["rtol"], abs_tol=ref["atol"]):
-            problems.append(f"{name}: {new!r} differs from the reference {ref['value']!r} (rtol {ref['rtol']}, atol {ref['atol']})")
+            problems.append(f"{name}: {new!r} differs from the reference {ref['value']!r} "
+                            f"(rtol {ref['rtol']}, atol {ref['atol']})")
     for name in sorted(set(metrics) - set(reference)):
         problems.append(f"{name}: recorded by this run but missing from the reference")
     return problems
@@ -89,4 +90,5 @@ def test_notebook_smoke(nb, tmp_path, references, _results_dir, request):
         _updates[nb.stem] = {k: {key: m[key] for key in ("value", "rtol", "atol")} for k, m in metrics.items()}
         return
     problems = compare(references.get(nb.stem, {}), metrics)
-    assert not problems, f"{nb.name}: smoke-scale metrics moved (update with --update-references if deliberate):\n" + "\n".join(problems)
+    assert not problems, (f"{nb.name}: smoke-scale metrics moved (update with --update-references if deliberate):\n"
+                          + "\n".join(problems))

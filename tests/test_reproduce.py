@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _nb(path, *sources):
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('scale = "cpu"\nseed = 0', metadata={"tags": ["parameters"]}),
+    params = nbformat.v4.new_code_cell('scale = "cpu"\nseed = 0', metadata={"tags": ["parameters"]})
+    nb = nbformat.v4.new_notebook(cells=[params,
                                          *[nbformat.v4.new_code_cell(s) for s in sources]])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
@@ -262,7 +263,8 @@ def test_tidy_outputs_keeps_the_last_state_of_progress_bars(tmp_path, monkeypatc
     assert len(outs) == 3 and outs[2].data["text/plain"] == "IntSlider(value=0)"  # a tqdm widget goes, others stay
     # a real run: the library's bars are plain text in the executed copy, with only their final state
     code = ("from mdxlib.core import progress\nfrom tqdm.auto import tqdm\n"
-            "for _ in progress(range(3), desc='loop', mininterval=0): pass\nfor _ in tqdm(range(3), desc='other'): pass")
+            "for _ in progress(range(3), desc='loop', mininterval=0): pass\n"
+            "for _ in tqdm(range(3), desc='other'): pass")
     run = run_notebook(_nb(tmp_path / "b.ipynb", code), tmp_path / "out", scale="smoke", results=tmp_path / "res")
     outs = [o for c in nbformat.read(str(run.output), as_version=4).cells for o in c.outputs]
     text = "".join(o.get("text", "") for o in outs)

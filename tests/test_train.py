@@ -2,7 +2,6 @@
 import math
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,7 +59,8 @@ def fit(*args, **kwargs):
     (dict(steps=10, seed=-1), "seed"), (dict(steps=10, betas=(0.9, 1.0)), "betas"),
     (dict(steps=10, lr_schedule="step"), "lr_schedule"), (dict(steps=10, min_lr_ratio=2.0), "min_lr_ratio"),
     (dict(steps=10, lr_schedule="constant", min_lr_ratio=0.1), "min_lr_ratio"),
-    (dict(steps=10, keep_checkpoints=0), "keep_checkpoints"), (dict(steps=10, mixed_precision="fp8x"), "mixed_precision"),
+    (dict(steps=10, keep_checkpoints=0), "keep_checkpoints"),
+    (dict(steps=10, mixed_precision="fp8x"), "mixed_precision"),
 ])
 def test_bad_config_names_the_field(kwargs, needle):
     with pytest.raises((ValueError, TypeError), match=needle):
@@ -254,7 +254,8 @@ def test_grad_accumulation_equals_a_larger_batch():
     h_big = fit(a, mse, big, TrainConfig(steps=steps, lr=1e-2, grad_clip=0.5))
     h_small = fit(b, mse, small, TrainConfig(steps=steps, lr=1e-2, grad_clip=0.5, grad_accum=k))
     assert torch.allclose(flat(a), flat(b), atol=1e-6) and not torch.equal(flat(a), flat(mlp(dropout=0.0)))
-    assert np.allclose(h_big.loss, h_small.loss, atol=1e-6) and np.allclose(h_big.grad_norm, h_small.grad_norm, atol=1e-5)
+    assert np.allclose(h_big.loss, h_small.loss, atol=1e-6)
+    assert np.allclose(h_big.grad_norm, h_small.grad_norm, atol=1e-5)
 
 
 def test_ema_follows_its_formula_and_tracks_the_weights():
@@ -373,7 +374,8 @@ def test_trains_real_architectures(family, tmp_path):
     def make(seed):
         torch.manual_seed(seed)
         if family == "llama":
-            return LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            return LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1,
                                                 num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
         return GPT2LMHeadModel(GPT2Config(vocab_size=11, n_embd=32, n_layer=1, n_head=2, n_positions=32))
 
