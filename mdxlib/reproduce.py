@@ -106,6 +106,17 @@ _KERNEL_NOISE = re.compile(r"\[IPKernelApp\] (WARNING|ERROR)[^\n]*\n?")  # a chi
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours and cursor moves
 
 
+def _read_nb(path: str | Path):
+    "A notebook as nbformat's node, without the warning about cell ids that cleaned notebooks do not carry."
+    import warnings
+
+    import nbformat
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cell is missing an id field")
+        return nbformat.read(str(path), as_version=4)
+
+
 def _plain(text) -> str:
     text = "".join(text) if isinstance(text, list) else text
     return _ANSI.sub("", _KERNEL_NOISE.sub("", text))
@@ -118,7 +129,7 @@ def tidy_outputs(
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
-    nb = nbformat.read(str(path), as_version=4)
+    nb = _read_nb(path)
     before = nbformat.writes(nb)
     nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
     for cell in (c for c in nb.cells if c.cell_type == "code"):  # a stored widget has no state: the docs show "0%"
@@ -381,7 +392,7 @@ def notebook_markdown(
     "The notebook as Markdown: its Markdown cells and the Markdown (or plain-text) outputs of its visible code cells."
     import nbformat
 
-    nb = nbformat.read(str(path), as_version=4)
+    nb = _read_nb(path)
     parts = []
     for cell in nb.cells:
         if cell.cell_type == "markdown":
@@ -518,7 +529,7 @@ def keep_outputs(
     for src in sorted(Path(executed).glob("*.ipynb")):  # check them all before writing any
         if names is not None and src.stem not in names:
             continue
-        nb = nbformat.read(str(src), as_version=4)
+        nb = _read_nb(src)
         run, dest = nb.metadata.get("mdxlib_run"), nbs / src.name
         if not _complete(nb):
             raise ValueError(f"executed: {src} is not a run papermill recorded as complete (a cell failed or the run "
