@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .checks import check_choice, check_float, check_int, check_positive, check_tensor
-from .core import data_dir, get_device
+from .core import atomic_write, data_dir, get_device
 
 # %% auto 0
 __all__ = ['CHARS', 'DIGIT_WORDS', 'AUSTEN8_FILE', 'AUSTEN_NOVELS', 'CORPORA', 'SPLITS', 'TEXT8_HUB_ID', 'DIGIT_LEVELS',
@@ -130,8 +130,7 @@ def build_austen8(
         raise ValueError(f"source {str(found[0])!r} lacks the novels {missing}; found {sorted(novels)}")
     text = to_text8(" ".join("\n".join(novels[n]) for n in AUSTEN_NOVELS))
     out = Path(out) if out is not None else data_dir() / AUSTEN8_FILE
-    out.write_bytes(lzma.compress(text.encode("ascii"), preset=9 | lzma.PRESET_EXTREME))
-    return out
+    return atomic_write(out, lzma.compress(text.encode("ascii"), preset=9 | lzma.PRESET_EXTREME))
 
 # %% ../nbs/01_data.ipynb
 CORPORA = ("austen", "text8")

@@ -390,8 +390,6 @@ def notebook_markdown(
     path: str | Path,  # A notebook
 ) -> str:
     "The notebook as Markdown: its Markdown cells and the Markdown (or plain-text) outputs of its visible code cells."
-    import nbformat
-
     nb = _read_nb(path)
     parts = []
     for cell in nb.cells:

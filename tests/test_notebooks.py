@@ -14,7 +14,7 @@ import nbformat
 import pytest
 import torch
 
-from mdxlib.core import results_path
+from mdxlib.core import results_path, write_json
 from mdxlib.reproduce import find_notebooks, needs_gpu, run_notebook
 
 REFERENCE = Path(__file__).parent / "reference" / "smoke.json"
@@ -64,8 +64,7 @@ def references(request):
     yield refs
     if request.config.getoption("--update-references") and _updates:
         refs.update(_updates)
-        REFERENCE.parent.mkdir(exist_ok=True)
-        REFERENCE.write_text(json.dumps(dict(sorted(refs.items())), indent=1) + "\n")
+        write_json(REFERENCE, dict(sorted(refs.items())))  # atomic: an interrupted update leaves the old file
 
 
 def test_notebooks_discovered():

@@ -243,6 +243,27 @@ def test_parallel_notebooks_share_the_cores(tmp_path, monkeypatch):
     assert (tmp_path / "0.txt").read_text() == "3"
 
 
+def test_tidy_outputs_drops_kernel_log_lines_and_ansi_codes(tmp_path):
+    from mdxlib.reproduce import tidy_outputs
+
+    warning = ("[IPKernelApp] WARNING | Kernel is running over TCP without encryption. All communication is sent "
+               "in plain text.\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="bar: 100%|##| 2/2" + warning + "\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="\x1b[1;31mred\x1b[0m and \x1b[2Kplain\n"),
+        nbformat.v4.new_output("stream", name="stderr", text=warning),
+        nbformat.v4.new_output("error", ename="E", evalue="x", traceback=["\x1b[0;31mE\x1b[0m: x"]),
+        nbformat.v4.new_output("execute_result", data={"text/plain": "\x1b[32mok\x1b[0m"})])])
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    assert tidy_outputs(tmp_path / "a.ipynb")
+    outs = nbformat.read(tmp_path / "a.ipynb", as_version=4).cells[0].outputs
+    text = nbformat.writes(nbformat.read(tmp_path / "a.ipynb", as_version=4))
+    assert "IPKernelApp" not in text and "\\u001b" not in text
+    assert [o.output_type for o in outs] == ["stream", "stream", "error", "execute_result"]
+    assert outs[0].text == "bar: 100%|##| 2/2\n" and outs[1].text == "red and plain\n"
+    assert outs[2].traceback == ["E: x"] and outs[3].data["text/plain"] == "ok"
+
+
 def test_tidy_outputs_keeps_the_last_state_of_progress_bars(tmp_path, monkeypatch):
     from mdxlib.reproduce import run_notebook, tidy_outputs
 
