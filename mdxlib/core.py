@@ -296,14 +296,20 @@ def load_results(
 ) -> list[dict]:  # One dict per results file, sorted by notebook, then scale
     "Read the results files of `folder` (`<scale>/<notebook>.json`); a damaged one is an error naming it."
     folder = Path(folder) if folder is not None else results_dir()
+
+    def read(p: Path) -> dict:
+        r = read_json(p)
+        if not isinstance(r, dict) or not {"notebook", "scale", "metrics"} <= set(r):
+            raise ValueError(f"{p} is not a results file (no notebook, scale and metrics); delete it")
+        return r
+
     out = []
     for s in SCALES if scale is None else (check_scale(scale),):
-        for p in sorted((folder / s).glob("*.json")):
-            if p.name.endswith(".failed.json") and not failed:
-                continue
-            r = read_json(p)
-            if not isinstance(r, dict) or not {"notebook", "scale", "metrics"} <= set(r):
-                raise ValueError(f"{p} is not a results file (no notebook, scale and metrics); delete it")
+        out += [read(p) for p in sorted((folder / s).glob("*.json")) if failed or not p.name.endswith(".failed.json")]
+    have = {(r["notebook"], r["scale"]) for r in out}
+    for p in sorted(folder.glob("*.json")):  # the flat layout of earlier versions: shown until a run replaces it
+        r = read(p)
+        if (scale is None or r["scale"] == scale) and (r["notebook"], r["scale"]) not in have:
             out.append(r)
     return sorted(out, key=lambda r: (r["notebook"], SCALES.index(r["scale"]) if r["scale"] in SCALES else 9))
 

@@ -94,6 +94,15 @@ def test_results_stage_for_runs(tmp_path, monkeypatch):
     assert r.path == tmp_path / "stage" / "10_x.json" and not (tmp_path / "results").exists()
 
 
+def test_results_of_the_flat_layout_are_still_read(tmp_path):
+    "results/<notebook>.json from earlier versions stays visible until a run of that scale writes the new layout."
+    write_json(tmp_path / "10_x.json", dict(notebook="10_x", scale="cpu", seed=0, metrics={"a": {"value": 1.0}}))
+    assert [r["metrics"]["a"]["value"] for r in load_results(tmp_path)] == [1.0]
+    assert load_results(tmp_path, scale="smoke") == []
+    Results("10_x", "cpu", 0, path=results_path("10_x", "cpu", tmp_path)).log("a", 2.0)
+    assert [r["metrics"]["a"]["value"] for r in load_results(tmp_path)] == [2.0]
+
+
 def test_corrupt_results_file_is_named(tmp_path):
     bad = results_path("10_x", "cpu", tmp_path)
     bad.parent.mkdir(parents=True)
