@@ -151,12 +151,13 @@ def tidy_outputs(
     return changed
 
 
-def _promote(stage: Path, base: Path, path: Path, scale: str, seed: int | None, error: str | None) -> list[Path]:
+def _promote(stage: Path, base: Path, path: Path, digest: str, scale: str, seed: int | None,
+             error: str | None) -> list[Path]:
     "Put a run's staged results in place: a complete run over the last complete one, a failed one beside it."
     staged = {p.stem: read_json(p) for p in stage.glob("*.json")}
     if error is not None and path.stem not in staged:  # failed before logging anything: flagged all the same
         staged[path.stem] = dict(notebook=path.stem, scale=scale, seed=seed, metrics={})
-    written, digest = [], source_hash(path)
+    written = []
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     for name, data in staged.items():
         data.update(status="complete" if error is None else "failed", error=error, source=path.name,
@@ -196,6 +197,7 @@ def run_notebook(
     stage = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".running", dir=base / scale))
     params = dict(scale=scale) if seed is None else dict(scale=scale, seed=int(seed))
     started = dict(source=str(path.resolve()), file_digest=file_digest(path), scale=scale)
+    digest = source_hash(path)  # taken now: an edit during the run makes these results stale
     kernel_env = dict(MDXLIB_RESULTS=base, MDXLIB_RESULTS_STAGE=stage,
                       MDXLIB_PROGRESS=os.environ.get("MDXLIB_PROGRESS") or "text",  # bars as text: final state kept
                       **(env or {}))
@@ -213,7 +215,7 @@ def run_notebook(
         raise
     finally:
         try:
-            _promote(stage, base, path, scale, seed, error)
+            _promote(stage, base, path, digest, scale, seed, error)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     if out.exists():
