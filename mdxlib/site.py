@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 
 # %% auto 0
-__all__ = ['MATH_SPAN', 'KATEX_TAG', 'PROGRESS_LINE', 'STATUSES', 'latex_to_mathml', 'mathml_page', 'run_scale', 'docs_notebook',
+__all__ = ['MATH_SPAN', 'KATEX_TAG', 'PROGRESS_LINE', 'latex_to_mathml', 'mathml_page', 'run_scale', 'docs_notebook',
            'results_by_paper', 'comparison_figure']
 
 # %% ../nbs/08_site.ipynb
@@ -92,9 +92,6 @@ def docs_notebook(
     return nb
 
 # %% ../nbs/08_site.ipynb
-STATUSES = ("reproduced", "not reproduced", "inconclusive")
-
-
 def _fmt(v) -> str:
     return "" if v is None or v != v else f"{v:.4g}"
 
@@ -124,7 +121,8 @@ def results_by_paper(
         verdict = r.get("verdict") or {}
         status = verdict.get("status", "not judged")
         reason = verdict.get("reason", "the notebook logged no verdict")
-        failed = " **(last run failed: partial results)**" if r.get("status") == "failed" else ""
+        flags = r.get("flags", "ok")  # "failed" / "stale" from the results log
+        failed = f" **({flags}: see `mdxlib results`)**" if flags != "ok" else ""
         parts.append("| | |\n|---|---|\n"
                      f"| the paper | {headline} |\n"
                      f"| ours (`{r.get('scale', '?')}` scale) | {ours}{failed} |\n"
