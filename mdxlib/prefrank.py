@@ -377,6 +377,7 @@ def train_dpo(
     params: Sequence[nn.Parameter] | None = None,  # Train only these (default: all that require grad)
     train_blocks: int | None = None,  # Or: train only the last this many decoder blocks, the frozen ones' output cached
     batch_size: int = 8,  # Pairs per step
+    eval_batch_size: int = 64,  # Sequences per forward pass when scoring (no gradients: larger batches are cheaper)
     chat_template: bool = False,  # Wrap prompts in the tokenizer's chat template
     heldout: PreferencePairs | None = None,  # Held-out pairs, scored at every evaluation; the lowest loss is kept
     heldout_ref: tuple | None = None,  # Their (ref_c, ref_r) when `ref` is a precomputed pair
@@ -387,7 +388,8 @@ def train_dpo(
         if not isinstance(p, PreferencePairs) and not (name == "heldout" and p is None):
             raise TypeError(f"{name} must be a PreferencePairs; got {type(p).__name__}")
     beta, gamma = check_float(beta, "beta", 0, low_open=True), check_float(gamma, "gamma", 0)
-    batch_size = check_positive(batch_size, "batch_size")
+    batch_size, eval_batch_size = check_positive(batch_size, "batch_size"), check_positive(eval_batch_size,
+                                                                                            "eval_batch_size")
     if train_blocks is not None and params is not None:
         raise ValueError("give params or train_blocks, not both")
     params = None if params is None else list(params)  # an iterator would be used up before `train` sees it
@@ -413,9 +415,9 @@ def train_dpo(
     def score(model, pair):  # (log pi(y_w), log pi(y_l)) of one set under `model` (None: the policy), float64 CPU
         own, model = model is None, policy if model is None else model
         with evaluating(model), torch.no_grad():
-            return tuple(torch.cat([(logprobs(model, e, range(i, min(i + batch_size, len(e)))) if own else
-                                     completion_logprobs(model, e[i : i + batch_size], pad_id).logp).double().cpu()
-                                    for i in range(0, len(e), batch_size)]) for e in pair)
+            return tuple(torch.cat([(logprobs(model, e, range(i, min(i + eval_batch_size, len(e)))) if own else
+                                     completion_logprobs(model, e[i : i + eval_batch_size], pad_id).logp).double().cpu()
+                                    for i in range(0, len(e), eval_batch_size)]) for e in pair)
 
     refs = {"train": _reference(ref, score, enc["train"], "ref", len(pairs))}
     if heldout is not None:
