@@ -5,6 +5,7 @@
 # %% ../nbs/19_prefrank.ipynb 2
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,11 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 
-from .checks import (check_float, check_int, check_positive, check_probability, check_tensor, check_vector,
-                           same_length)
+from .checks import (check_binary_labels, check_float, check_int, check_positive, check_probability,
+                           check_strings, check_tensor, check_vector, same_length)
 from .core import data_dir, evaluating
+from .metrics import CI
 from .models import (adapter, batch_token_logprobs, check_token_ids, encode_completions, from_block, padding_id,
                            residual_at, right_padded, token_logprobs)
 from .train import History, TrainConfig, train
@@ -27,7 +30,8 @@ from .train import History, TrainConfig, train
 __all__ = ['PAPER_BETAS', 'ranked_correctly', 'ranking_accuracy', 'ranking_accuracy_listwise', 'optimal_log_ratio',
            'idealized_ranking_accuracy', 'idealized_ranking_summary', 'dpo_loss', 'flip_threshold', 'SequenceLogprobs',
            'completion_logprobs', 'sequence_logprobs', 'decoder_block_params', 'block_inputs', 'PreferencePairs',
-           'load_capitals', 'make_preference_pairs', 'DPORun', 'train_dpo']
+           'load_capitals', 'make_preference_pairs', 'PairScores', 'DPORun', 'train_dpo', 'rate_ci', 'flips_by_margin',
+           'sorting_task', 'sorting_reward', 'train_sft', 'Samples', 'sample_completions', 'rate_pairs']
 
 # %% ../nbs/19_prefrank.ipynb
 def ranked_correctly(
@@ -304,14 +308,12 @@ def make_preference_pairs(
                            [k for *_, k in items])
 
 # %% ../nbs/19_prefrank.ipynb
-@dataclass
-class DPORun:
-    "What `train_dpo` returns: the training history and the log-likelihoods before and after."
-    history: History  # Per-step loss of the foundation loop; `history.evals` holds R, loss and flipped per eval
+class PairScores(NamedTuple):
+    "Log-likelihoods of a set of pairs under the reference and under the policy."
     ref_c: torch.Tensor  # (N,) log pi_ref(y_w)
     ref_r: torch.Tensor  # (N,) log pi_ref(y_l)
-    pol_c: torch.Tensor  # (N,) log pi_theta(y_w) after training
-    pol_r: torch.Tensor  # (N,) log pi_theta(y_l) after training
+    pol_c: torch.Tensor  # (N,) log pi_theta(y_w)
+    pol_r: torch.Tensor  # (N,) log pi_theta(y_l)
 
     @property
     def initially_wrong(self) -> torch.Tensor:
@@ -319,13 +321,53 @@ class DPORun:
         return ~ranked_correctly(self.ref_c, self.ref_r)
 
     @property
+    def flipped(self) -> torch.Tensor:
+        "(N,) bool: pairs the reference mis-ranks and the policy ranks correctly."
+        return self.initially_wrong & ranked_correctly(self.pol_c, self.pol_r)
+
+    def metrics(self, beta: float, gamma: float = 1.0, prefix: str = "") -> dict:
+        "R, mean DPO loss and the flipped share of the initially mis-ranked pairs."
+        wrong = self.initially_wrong
+        return {f"{prefix}R": ranked_correctly(self.pol_c, self.pol_r).double().mean().item(),
+                f"{prefix}loss": dpo_loss(self.pol_c, self.pol_r, self.ref_c, self.ref_r, beta, gamma).mean().item(),
+                f"{prefix}flipped": self.flipped.sum().item() / max(int(wrong.sum()), 1)}
+
+
+@dataclass
+class DPORun:
+    "What `train_dpo` returns: the history, and the pairs' log-likelihoods at the kept checkpoint and at the end."
+    history: History  # Per-step loss; `history.evals` holds R, loss, flipped (and `heldout_*`) per evaluation
+    train: PairScores  # Training pairs at the kept checkpoint (lowest held-out loss; the last step without held-out)
+    train_final: PairScores  # Training pairs after the last step
+    best_step: int  # The step of the kept checkpoint (0: the reference itself)
+    heldout: PairScores | None = None  # Held-out pairs at the kept checkpoint
+    heldout_final: PairScores | None = None  # Held-out pairs after the last step
+
+    ref_c = property(lambda self: self.train.ref_c, doc="(N,) log pi_ref(y_w) of the training pairs")
+    ref_r = property(lambda self: self.train.ref_r, doc="(N,) log pi_ref(y_l) of the training pairs")
+    pol_c = property(lambda self: self.train.pol_c, doc="(N,) log pi_theta(y_w) at the kept checkpoint")
+    pol_r = property(lambda self: self.train.pol_r, doc="(N,) log pi_theta(y_l) at the kept checkpoint")
+    initially_wrong = property(lambda self: self.train.initially_wrong, doc="(N,) bool: pi_ref mis-ranks the pair")
+
+    @property
     def evals(self) -> pd.DataFrame:
-        "One row per evaluation (step 0 = the reference): R, loss, flipped."
+        "One row per evaluation (step 0 = the reference): R, loss, flipped, and the held-out columns."
         return pd.DataFrame(self.history.evals)
+
+# %% ../nbs/19_prefrank.ipynb
+def _reference(ref, score, pairs_enc, name: str, n: int):
+    "(ref_c, ref_r) float64 on the CPU: scored by a model, or checked when given."
+    if ref is None or isinstance(ref, nn.Module):
+        return score(ref, pairs_enc)
+    if isinstance(ref, (tuple, list)) and len(ref) == 2:
+        ref_c, ref_r = check_vector(ref[0], f"{name}[0]"), check_vector(ref[1], f"{name}[1]")
+        same_length(pairs=range(n), **{f"{name}[0]": ref_c, f"{name}[1]": ref_r})
+        return ref_c.double().cpu(), ref_r.double().cpu()
+    raise TypeError(f"{name} must be a model, a pair (ref_c, ref_r) of tensors, or None; got {type(ref).__name__}")
 
 
 def train_dpo(
-    policy: nn.Module,  # The causal LM to train (in place)
+    policy: nn.Module,  # The causal LM to train (in place; it ends at the kept checkpoint)
     ref: nn.Module | tuple | None,  # The reference model, its precomputed (ref_c, ref_r), or None: `policy` untrained
     pairs: PreferencePairs,  # The training pairs
     beta: float,  # DPO temperature, > 0
@@ -335,51 +377,64 @@ def train_dpo(
     params: Sequence[nn.Parameter] | None = None,  # Train only these (default: all that require grad)
     train_blocks: int | None = None,  # Or: train only the last this many decoder blocks, the frozen ones' output cached
     batch_size: int = 8,  # Pairs per step
+    eval_batch_size: int = 64,  # Sequences per forward pass when scoring (no gradients: larger batches are cheaper)
     chat_template: bool = False,  # Wrap prompts in the tokenizer's chat template
+    heldout: PreferencePairs | None = None,  # Held-out pairs, scored at every evaluation; the lowest loss is kept
+    heldout_ref: tuple | None = None,  # Their (ref_c, ref_r) when `ref` is a precomputed pair
+    optimizer=None,  # `optimizer(param_groups)`, as in `mdxlib.train.train`; None: AdamW (weight decay from config)
 ) -> DPORun:
-    "Fine-tune `policy` with (gamma-scaled) DPO and RMSprop, tracking ranking accuracy and flips."
-    if not isinstance(pairs, PreferencePairs):
-        raise TypeError(f"pairs must be a PreferencePairs; got {type(pairs).__name__}")
+    "Fine-tune `policy` with (gamma-scaled) DPO; track R, loss, flips; keep the checkpoint of lowest held-out loss."
+    for name, p in (("pairs", pairs), ("heldout", heldout)):
+        if not isinstance(p, PreferencePairs) and not (name == "heldout" and p is None):
+            raise TypeError(f"{name} must be a PreferencePairs; got {type(p).__name__}")
     beta, gamma = check_float(beta, "beta", 0, low_open=True), check_float(gamma, "gamma", 0)
-    batch_size = check_positive(batch_size, "batch_size")
+    batch_size, eval_batch_size = check_positive(batch_size, "batch_size"), check_positive(eval_batch_size,
+                                                                                            "eval_batch_size")
     if train_blocks is not None and params is not None:
         raise ValueError("give params or train_blocks, not both")
-    enc_c = encode_completions(tokenizer, pairs.prompts, pairs.chosen, chat_template)
-    enc_r = encode_completions(tokenizer, pairs.prompts, pairs.rejected, chat_template)
-    check_token_ids(policy, [p + c for p, c in enc_c + enc_r], "pairs (tokenized)")
+    params = None if params is None else list(params)  # an iterator would be used up before `train` sees it
+    if heldout is None and heldout_ref is not None:
+        raise ValueError("heldout_ref is given but heldout is None")
+    if heldout is not None and isinstance(ref, (tuple, list)) and heldout_ref is None:
+        raise ValueError("ref is a precomputed (ref_c, ref_r): give heldout_ref for the held-out pairs too")
+    sets = {"train": pairs} | ({"heldout": heldout} if heldout is not None else {})
+    enc = {k: [encode_completions(tokenizer, s.prompts, y, chat_template) for y in (s.chosen, s.rejected)]
+           for k, s in sets.items()}  # {set: [chosen encodings, rejected encodings]}
+    check_token_ids(policy, [p + c for e in enc.values() for p, c in e[0] + e[1]], "pairs (tokenized)")
     pad_id = padding_id(tokenizer)
     first, cache = 0, {}
     if train_blocks is not None:
         params = decoder_block_params(policy, train_blocks)  # validates train_blocks
         first = adapter(policy).n_layers - train_blocks
-        cache = {id(enc): block_inputs(policy, enc, first, pad_id) for enc in (enc_c, enc_r)}
+        cache = {id(e): block_inputs(policy, e, first, pad_id) for pair in enc.values() for e in pair}
 
-    def logprobs(model, enc, idx):  # differentiable log-likelihoods of the sequences enc[idx] under `model`
-        hidden = [cache[id(enc)][i] for i in idx] if first else None
-        return completion_logprobs(model, [enc[i] for i in idx], pad_id, first, hidden).logp
+    def logprobs(model, e, idx):  # differentiable log-likelihoods of the sequences e[idx] under `model`
+        hidden = [cache[id(e)][i] for i in idx] if first else None
+        return completion_logprobs(model, [e[i] for i in idx], pad_id, first, hidden).logp
 
-    def score(model, own=True):  # (pol_c, pol_r) of every pair, float64 on the CPU
-        with evaluating(model):
-            return [torch.cat([(logprobs(model, enc, range(i, min(i + batch_size, len(enc)))) if own else
-                                completion_logprobs(model, enc[i : i + batch_size], pad_id).logp).double().cpu()
-                               for i in range(0, len(enc), batch_size)]) for enc in (enc_c, enc_r)]
+    def score(model, pair):  # (log pi(y_w), log pi(y_l)) of one set under `model` (None: the policy), float64 CPU
+        own, model = model is None, policy if model is None else model
+        with evaluating(model), torch.no_grad():
+            return tuple(torch.cat([(logprobs(model, e, range(i, min(i + eval_batch_size, len(e)))) if own else
+                                     completion_logprobs(model, e[i : i + eval_batch_size], pad_id).logp).double().cpu()
+                                    for i in range(0, len(e), eval_batch_size)]) for e in pair)
 
-    if ref is None or isinstance(ref, nn.Module):
-        ref_c, ref_r = score(policy) if ref is None else score(ref, own=False)
-    elif isinstance(ref, (tuple, list)) and len(ref) == 2:
-        ref_c, ref_r = check_vector(ref[0], "ref[0]"), check_vector(ref[1], "ref[1]")
-        same_length(pairs=pairs.prompts, ref_c=ref_c, ref_r=ref_r)
-    else:
-        raise TypeError(f"ref must be a model, a pair (ref_c, ref_r) of tensors, or None; got {type(ref).__name__}")
-    wrong = ~ranked_correctly(ref_c, ref_r)
-    last = {}
+    refs = {"train": _reference(ref, score, enc["train"], "ref", len(pairs))}
+    if heldout is not None:
+        refs["heldout"] = _reference(heldout_ref if isinstance(ref, (tuple, list)) else ref, score, enc["heldout"],
+                                     "heldout_ref", len(heldout))
+    trainable = params if params is not None else [p for p in policy.parameters() if p.requires_grad]
+    evaluated, kept = [], dict(loss=math.inf, index=0, weights=None)  # one PairScores dict per evaluation
 
-    def metrics(model):
-        last["pol"] = pol_c, pol_r = score(model)
-        correct = ranked_correctly(pol_c, pol_r)
-        return dict(R=correct.double().mean().item(),
-                    loss=dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, gamma).mean().item(),
-                    flipped=(correct & wrong).sum().item() / max(int(wrong.sum()), 1))
+    def metrics(model):  # every evaluation; remembers the weights of the lowest held-out loss so far
+        evaluated.append({k: PairScores(*refs[k], *score(None, enc[k])) for k in enc})
+        out = evaluated[-1]["train"].metrics(beta, gamma)
+        if heldout is not None:
+            out |= evaluated[-1]["heldout"].metrics(beta, gamma, "heldout_")
+            if out["heldout_loss"] < kept["loss"]:
+                kept.update(loss=out["heldout_loss"], index=len(evaluated) - 1,
+                            weights=[p.detach().clone() for p in trainable])
+        return out
 
     def batches(generator):
         while True:
@@ -387,11 +442,186 @@ def train_dpo(
 
     def loss_fn(model, idx):
         idx = idx.tolist()
-        pol_c, pol_r = logprobs(model, enc_c, idx), logprobs(model, enc_r, idx)
-        return dpo_loss(pol_c, pol_r, ref_c[idx].to(pol_c), ref_r[idx].to(pol_c), beta, gamma).mean()
+        ref_c, ref_r = (r[idx] for r in refs["train"])
+        pol_c, pol_r = logprobs(model, enc["train"][0], idx), logprobs(model, enc["train"][1], idx)
+        return dpo_loss(pol_c, pol_r, ref_c.to(pol_c), ref_r.to(pol_c), beta, gamma).mean()
 
     start = dict(step=0, **metrics(policy))
-    history = train(policy, loss_fn, batches, config, eval_fn=metrics, params=params,
-                    optimizer=lambda groups: torch.optim.RMSprop(groups))
-    history.evals.insert(0, start)
-    return DPORun(history, ref_c, ref_r, *last["pol"])  # the loop always evaluates after its last step
+    history = train(policy, loss_fn, batches, config, eval_fn=metrics, params=params, optimizer=optimizer)
+    history.evals.insert(0, start)  # history.evals[i] is evaluated[i]; the loop always evaluates after its last step
+    i = kept["index"] if heldout is not None else len(evaluated) - 1
+    if heldout is not None:
+        with torch.no_grad():  # back to the kept checkpoint
+            for p, w in zip(trainable, kept["weights"]):
+                p.copy_(w)
+    best, final = evaluated[i], evaluated[-1]
+    return DPORun(history, best["train"], final["train"], int(history.evals[i]["step"]), best.get("heldout"),
+                  final.get("heldout"))
+
+# %% ../nbs/19_prefrank.ipynb
+def rate_ci(
+    hits,  # (N,) bool: one Bernoulli outcome per pair
+    confidence: float = 0.95,  # Confidence level of the interval
+) -> CI:  # (share, low, high)
+    "A share of pairs with its Wilson score interval (`scipy.stats.binomtest`)."
+    hits = check_binary_labels(hits, "hits", both=False)
+    if len(hits) == 0:
+        raise ValueError("hits is empty: a share of no pairs is undefined")
+    confidence = check_float(confidence, "confidence", 0, 1, low_open=True, high_open=True)
+    k, n = int(hits.sum()), len(hits)
+    ci = stats.binomtest(k, n).proportion_ci(confidence, method="wilson")
+    return CI(k / n, float(ci.low), float(ci.high))
+
+
+def flips_by_margin(
+    scores: PairScores,  # Reference and policy log-likelihoods of the pairs
+    edges: Sequence[float] | None = None,  # Increasing bin edges of c; None: `n_bins` bins of equal count
+    n_bins: int = 3,  # Bins when `edges` is None
+    confidence: float = 0.95,  # Confidence level of the Wilson intervals
+) -> pd.DataFrame:  # One row per non-empty bin, then "all": c range, n, flipped, share, low, high
+    "Fig. 3's view: of the pairs pi_ref mis-ranks, the share the policy ranks correctly, binned by c."
+    if not isinstance(scores, PairScores):
+        raise TypeError(f"scores must be a PairScores; got {type(scores).__name__}")
+    wrong = scores.initially_wrong
+    if not wrong.any():
+        raise ValueError("scores: the reference ranks every pair correctly, so there is nothing to flip")
+    c = (scores.ref_r - scores.ref_c)[wrong]  # (n_wrong,) all > 0
+    flipped = scores.flipped[wrong]
+    if edges is None:
+        n_bins = check_int(n_bins, "n_bins", 1)
+        edges = torch.quantile(c, torch.linspace(0, 1, n_bins + 1, dtype=c.dtype)).tolist()
+        edges = sorted({0.0, *edges[1:-1], math.inf})  # every mis-ranked pair has c > 0; ties in c merge bins
+    edges = check_vector(edges, "edges", finite=False).tolist()
+    if len(edges) < 2 or any(not b > a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must hold at least two strictly increasing numbers; got {edges}")
+    rows = []
+    for lo, hi in zip(edges, edges[1:]):
+        sel = (c > lo) & (c <= hi)
+        if sel.any():
+            rows.append(dict(c=f"({lo:.3g}, {hi:.3g}]", n=int(sel.sum()), flipped=int(flipped[sel].sum()),
+                             **rate_ci(flipped[sel], confidence)._asdict()))
+    rows.append(dict(c="all", n=len(c), flipped=int(flipped.sum()), **rate_ci(flipped, confidence)._asdict()))
+    return pd.DataFrame(rows).rename(columns={"estimate": "share"})
+
+# %% ../nbs/19_prefrank.ipynb
+def sorting_task(
+    n: int,  # Number of prompts
+    min_len: int = 10,  # Fewest digits in a list
+    max_len: int = 36,  # Most digits in a list
+    seed: int = 0,  # Seeds the lists
+) -> tuple[list[str], list[str]]:  # prompts "sort: 3 1 2 =" and their answers " 1 2 3"
+    "A synthetic task with long answers: sort a list of digits (answers of 2 characters per digit)."
+    n, min_len = check_positive(n, "n"), check_positive(min_len, "min_len")
+    max_len = check_int(max_len, "max_len", min_len)
+    rng = np.random.default_rng(seed)
+    lists = [rng.integers(0, 10, rng.integers(min_len, max_len + 1)) for _ in range(n)]
+    return ([f"sort: {' '.join(map(str, x))} =" for x in lists], [" " + " ".join(map(str, sorted(x))) for x in lists])
+
+
+def sorting_reward(
+    completion: str,  # A model's answer
+    answer: str,  # The correct answer from `sorting_task`
+) -> float:  # In [0, 1]; 1 iff the answer is exact
+    "A transparent reward: the similarity of the answer's digit sequence to the sorted list (difflib's ratio)."
+    if not isinstance(completion, str) or not isinstance(answer, str):
+        raise TypeError(f"completion and answer must be strings; got {type(completion).__name__}, "
+                        f"{type(answer).__name__}")
+    return difflib.SequenceMatcher(None, completion.split(), answer.split(), autojunk=False).ratio()
+
+# %% ../nbs/19_prefrank.ipynb
+def train_sft(
+    model: nn.Module,  # A causal LM, trained in place
+    tokenizer,  # Its tokenizer (needs an eos token: it ends every demonstration)
+    prompts: Sequence[str],  # N prompts
+    completions: Sequence[str],  # N demonstrations
+    config: TrainConfig,  # The foundation loop's settings (AdamW)
+    batch_size: int = 32,  # Demonstrations per step
+) -> History:  # The foundation loop's history
+    "Supervised fine-tuning: minimise the per-token NLL of each demonstration and its end token after the prompt."
+    if tokenizer.eos_token is None:
+        raise ValueError("tokenizer has no eos_token: the model could not learn to stop")
+    batch_size = check_positive(batch_size, "batch_size")
+    enc = encode_completions(tokenizer, prompts, [c + tokenizer.eos_token for c in completions])
+    check_token_ids(model, [p + c for p, c in enc], "prompts + completions")
+    pad_id = padding_id(tokenizer)
+
+    def batches(generator):
+        while True:
+            yield from torch.randperm(len(enc), generator=generator).split(batch_size)
+
+    def loss_fn(model, idx):
+        return -torch.cat(batch_token_logprobs(model, [enc[i] for i in idx.tolist()], pad_id)).mean()
+
+    return train(model, loss_fn, batches, config)
+
+# %% ../nbs/19_prefrank.ipynb
+class Samples(NamedTuple):
+    "Sampled completions: the text (with the end token when the model stopped), its length and whether it was cut."
+    text: list[str]  # N completions; those that stopped end with the tokenizer's eos token
+    n_tokens: torch.Tensor  # (N,) generated tokens, the end token included
+    truncated: torch.Tensor  # (N,) bool: hit `max_new_tokens` before the end token
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,  # A causal LM
+    tokenizer,  # Its tokenizer (needs pad and eos tokens)
+    prompts: Sequence[str],  # N prompts
+    max_new_tokens: int = 80,  # Cap on each completion's length
+    batch_size: int = 64,  # Prompts per `generate` call
+    temperature: float = 1.0,  # Sampling temperature (ancestral sampling: no top-k, no top-p)
+    seed: int = 0,  # Seeds the sampling (the global random state is restored afterwards)
+) -> Samples:
+    "On-policy completions: sample each prompt's continuation until the end token, in left-padded batches."
+    prompts = check_strings(prompts, "prompts")
+    max_new_tokens = check_positive(max_new_tokens, "max_new_tokens")
+    batch_size = check_positive(batch_size, "batch_size")
+    temperature = check_float(temperature, "temperature", 0, low_open=True)
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer needs a pad token and an eos token")
+    dev, eos = next(model.parameters()).device, tokenizer.eos_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the right edge
+    text, n_tokens, truncated = [], [], []
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), evaluating(model):
+            torch.manual_seed(seed)
+            for i in range(0, len(prompts), batch_size):
+                batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(dev)
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True,
+                                     temperature=float(temperature), top_k=0, top_p=1.0,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+                for row in out[:, batch["input_ids"].shape[1] :].tolist():  # (B, new tokens)
+                    stop = row.index(eos) + 1 if eos in row else len(row)
+                    text.append(tokenizer.decode(row[:stop]))
+                    n_tokens.append(stop)
+                    truncated.append(eos not in row)
+    finally:
+        tokenizer.padding_side = side
+    return Samples(text, torch.tensor(n_tokens), torch.tensor(truncated))
+
+# %% ../nbs/19_prefrank.ipynb
+def rate_pairs(
+    prompts: Sequence[str],  # N prompts
+    first: Sequence[str],  # N completions
+    second: Sequence[str],  # N other completions of the same prompts
+    reward_first,  # (N,) reward of `first`
+    reward_second,  # (N,) reward of `second`
+    n_raters: int = 5,  # Simulated raters per pair (odd: no ties)
+    sharpness: float = 10.0,  # Bradley-Terry: a rater prefers `first` with probability sigmoid(sharpness * reward gap)
+    seed: int = 0,  # Seeds the votes
+    kind: str = "pair",  # Label of every pair
+) -> PreferencePairs:  # y_w is the majority's choice, alpha the share that voted for it
+    "Simulated Bradley-Terry raters vote on each pair of completions; alpha per pair."
+    same_length(prompts=prompts, first=first, second=second)
+    r1, r2 = check_vector(reward_first, "reward_first"), check_vector(reward_second, "reward_second")
+    same_length(prompts=prompts, reward_first=r1, reward_second=r2)
+    n_raters = check_int(n_raters, "n_raters", 1)
+    if n_raters % 2 == 0:
+        raise ValueError(f"n_raters must be odd (no tied majorities); got {n_raters}")
+    p_first = torch.sigmoid(check_float(sharpness, "sharpness", 0, low_open=True) * (r1 - r2))  # (N,) Bradley-Terry
+    votes = torch.binomial(torch.full_like(p_first, n_raters), p_first,
+                           generator=torch.Generator().manual_seed(check_int(seed, "seed", 0)))
+    wins = (votes > n_raters / 2).tolist()
+    alpha = torch.where(torch.tensor(wins), votes, n_raters - votes) / n_raters
+    return PreferencePairs(list(prompts), [a if w else b for a, b, w in zip(first, second, wins)],
+                           [b if w else a for a, b, w in zip(first, second, wins)], alpha, [kind] * len(prompts))
