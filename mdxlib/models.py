@@ -16,7 +16,6 @@ import tempfile
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 

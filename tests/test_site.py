@@ -1,4 +1,4 @@
-"The documentation site builds offline from _quarto.yml, with a page per notebook carrying its title, figures and maths."
+"The documentation site builds offline from _quarto.yml: a page per notebook with its title, figures and maths."
 import json
 import re
 from html import unescape
@@ -24,7 +24,8 @@ def _title(nb) -> str:
 
 
 def _n_images(nb) -> int:
-    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    return sum("image/png" in o.get("data", {})
+               for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
 def _has_math(nb) -> bool:
@@ -43,7 +44,7 @@ def test_notebook_page(site, nb_path):
     nb = nbformat.read(str(nb_path), as_version=4)
     html = (site / f"{nb_path.stem}.html").read_text()
     title = _title(nb)
-    assert f"<title>" in html and unescape(title) in unescape(html), f"title {title!r} not on the page"
+    assert "<title>" in html and unescape(title) in unescape(html), f"title {title!r} not on the page"
     n_img = _n_images(nb)
     shown = len(re.findall(r"<img[^>]+src=\"(data:image/png|[^\"]+\.png)", html))
     assert shown >= n_img, f"{nb_path.name}: {n_img} figures in the notebook, {shown} on the page"

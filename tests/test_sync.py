@@ -32,7 +32,8 @@ def _run(tool, cwd):
 
 def _differences(a: Path, b: Path, pattern: str) -> list[str]:
     files = sorted({p.relative_to(a) for p in a.rglob(pattern)} | {p.relative_to(b) for p in b.rglob(pattern)})
-    return [str(f) for f in files if not ((a / f).exists() and (b / f).exists() and filecmp.cmp(a / f, b / f, shallow=False))]
+    return [str(f) for f in files
+            if not ((a / f).exists() and (b / f).exists() and filecmp.cmp(a / f, b / f, shallow=False))]
 
 
 def test_library_in_sync_with_notebooks(copy):
@@ -68,7 +69,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_demo_cells_do_not_mix_imports_and_code():
-    "nbdev runs every cell that imports while building the docs (without the parameters cell): keep imports in cells of their own."
+    "nbdev runs every importing cell while building the docs (no parameters cell): keep imports in cells of their own."
     import ast
 
     import nbformat
