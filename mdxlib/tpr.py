@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_float, check_int, check_positive, check_strings, check_tensor
-from .core import evaluating
+from .core import evaluating, get_device
 from .data import EASY_VQA_COLOURS, EASY_VQA_SHAPES
-from .models import ModelNotAvailableError, get_device
+from .models import ModelNotAvailableError
 from .train import History, TrainConfig, train
 
 # %% auto 0
