@@ -441,7 +441,8 @@ class OracleProposer(FactorProposer):
 class Round:
     "What one round of COAT did."
     round: int  # 1, 2, ...
-    cluster_size: int  # Samples in the cluster fed back to the proposer
+    cluster: np.ndarray  # Indices of the samples in the cluster fed back to the proposer
+    cluster_size: int  # How many there are
     cluster_entropy: float  # H(Y class | that cluster), bits: the worst-explained cluster has the highest
     proposed: list[str]  # Names the proposer returned
     kept: list[str]  # Those that passed the duplicate check and the CI test
@@ -461,11 +462,12 @@ class COATResult:
 
     @property
     def blanket(self) -> list[str]:
+        "The Markov blanket of Y in the final graph."
         return sorted(self.graph.markov_blanket(self.target)) if self.target in self.graph.nodes else []
 
     def table(self) -> pd.DataFrame:
-        "One row per round."
-        return pd.DataFrame([vars(r) for r in self.rounds]).round(3)
+        "One row per round (without the cluster's indices)."
+        return pd.DataFrame([vars(r) for r in self.rounds]).drop(columns="cluster").round(3)
 
 
 def y_classes(
@@ -575,10 +577,10 @@ class COAT:
             if kept:  # the variable set changed: rerun FCI over Y and every kept factor
                 table = pd.concat([pd.DataFrame({target: y}), ann], axis=1)
                 graph = fci_graph(table, self.ci_test, self.alpha, self.depth)
-            useful = None if true_blanket is None else [n for n in map(str, (f.name for f in proposed))
-                                                        if n in set(true_blanket) - set(blanket)]
-            rounds.append(Round(t, len(members), entropy_bits(classes[members]), [f.name for f in proposed], kept,
-                                rejected, sorted(graph.markov_blanket(target)), useful,
+            missing = None if true_blanket is None else set(true_blanket) - set(blanket)
+            useful = None if missing is None else [f.name for f in proposed if f.name in missing]
+            rounds.append(Round(t, members, len(members), entropy_bits(classes[members]), [f.name for f in proposed],
+                                kept, rejected, sorted(graph.markov_blanket(target)), useful,
                                 None if useful is None else float(len(useful) > 0)))
             if self.stop_early and not kept:
                 break

@@ -56,7 +56,9 @@ def test_oracle_loop_finds_the_spouse_after_its_child(ag):
     assert [r.proposed for r in run.rounds] == [["size", "aroma"], ["taste", "recommendation"], ["nutrition"]]
     assert set(run.blanket) == set(AG_BLANKET) and blanket_scores(run.blanket)["f1"] == 1.0
     assert [r.p for r in run.rounds] == [1.0, 1.0, 1.0]
-    assert run.annotations.shape == (200, 5) and len(run.table()) == 3
+    assert run.annotations.shape == (200, 5) and len(run.table()) == 3 and "cluster" not in run.table()
+    assert len(run.rounds[0].cluster) == 100 and all(r.cluster_size == len(r.cluster) for r in run.rounds)
+    assert all(len(np.unique(r.cluster)) == r.cluster_size for r in run.rounds)
 
 
 def test_data_driven_and_no_data_loops_run(ag):
