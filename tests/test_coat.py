@@ -71,6 +71,13 @@ def test_data_driven_and_no_data_loops_run(ag):
     assert len(nodata.rounds[0].proposed) == 4
 
 
+def test_kernel_ci_test_runs():
+    small = apple_gastronome(60, seed=0, faithful=False)
+    proposer = OracleProposer([LEXICON["size"], LEXICON["taste"]])
+    run = COAT(proposer, LexiconAnnotator(), ci_test="kci", rounds=1).run(small.texts, small.y)
+    assert set(run.blanket) <= set(run.rounds[0].kept) <= {"size", "taste"}
+
+
 def test_constant_and_duplicate_factors_are_rejected(ag):
     never = LEXICON["shelf life"]  # the writer never uses it: all zeros
     twin = Factor("flavour", "same as taste", LEXICON["taste"].positive, LEXICON["taste"].negative)
