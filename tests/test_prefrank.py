@@ -1,4 +1,5 @@
-"mdxlib.prefrank from the outside: ranking accuracies, the idealized accuracy, the DPO loss and its theorems, log-likelihoods of completions, DPO training."
+"""mdxlib.prefrank from the outside: ranking accuracies, the idealized accuracy, the DPO loss and its theorems,
+log-likelihoods of completions, DPO training."""
 import math
 
 import pytest
@@ -9,7 +10,8 @@ from mdxlib.models import encode_completions
 from mdxlib.prefrank import (PAPER_BETAS, PreferencePairs, SequenceLogprobs, block_inputs, completion_logprobs,
                              decoder_block_params, dpo_loss, flip_threshold, idealized_ranking_accuracy,
                              idealized_ranking_summary, load_capitals, make_preference_pairs, optimal_log_ratio,
-                             ranked_correctly, ranking_accuracy, ranking_accuracy_listwise, sequence_logprobs, train_dpo)
+                             ranked_correctly, ranking_accuracy, ranking_accuracy_listwise, sequence_logprobs,
+                             train_dpo)
 from mdxlib.train import TrainConfig
 
 
@@ -27,7 +29,8 @@ def test_ranking_accuracy_counts_ties_in_likelihood_as_correct():
 
 def test_tied_votes_use_probability_difference_in_log_space():
     # probabilities e^-50 and e^-60 differ by far less than 0.01 (and would underflow in float32 as plain numbers)
-    assert ranked_correctly([-50.0, -0.1, -0.1], [-60.0, -2.0, -0.1005], tie_votes=[True, True, True]).tolist() == [True, False, True]
+    correct = ranked_correctly([-50.0, -0.1, -0.1], [-60.0, -2.0, -0.1005], tie_votes=[True, True, True])
+    assert correct.tolist() == [True, False, True]
     # a tied pair ranked "wrong" can still count as correct, and tie_eps matters
     assert ranked_correctly([-2.0], [-1.99], tie_votes=[True]).tolist() == [True]
     assert ranked_correctly([-0.5], [-0.4], tie_votes=[True], tie_eps=0.2).tolist() == [True]
@@ -35,11 +38,11 @@ def test_tied_votes_use_probability_difference_in_log_space():
 
 
 @pytest.mark.parametrize("kwargs, err", [
-    (dict(logp_chosen=[0.0, 1.0], logp_rejected=[0.0]), "shapes"),
-    (dict(logp_chosen=[float("nan")], logp_rejected=[0.0]), "non-finite"),
-    (dict(logp_chosen=[[0.0]], logp_rejected=[[0.0]]), "1-d"),
+    (dict(logp_chosen=[0.0, 1.0], logp_rejected=[0.0]), "lengths do not match"),
+    (dict(logp_chosen=[float("nan")], logp_rejected=[0.0]), "NaN"),
+    (dict(logp_chosen=[[0.0]], logp_rejected=[[0.0]]), "dimension"),
     (dict(logp_chosen=[], logp_rejected=[]), "empty"),
-    (dict(logp_chosen=[0.0], logp_rejected=[0.0], tie_votes=[True, False]), "shapes"),
+    (dict(logp_chosen=[0.0], logp_rejected=[0.0], tie_votes=[True, False]), "lengths do not match"),
     (dict(logp_chosen=[0.0], logp_rejected=[0.0], tie_eps=0.0), "tie_eps"),
 ])
 def test_ranking_accuracy_bad_input(kwargs, err):
@@ -60,7 +63,8 @@ def test_listwise_is_exact_match_and_reduces_to_pairwise():
     assert ranking_accuracy_listwise(torch.stack([c, r], 1), [[0, 1]] * 100) == ranking_accuracy(c, r)
 
 
-@pytest.mark.parametrize("ranking, err", [([[0, 0, 1]], "permutation"), ([[0, 1]], "shape"), ([[0.0, 1.0, 2.0]], "permutation")])
+@pytest.mark.parametrize("ranking, err", [([[0, 0, 1]], "permutation"), ([[0, 1]], "shape"),
+                                          ([[0.0, 1.0, 2.0]], "permutation")])
 def test_listwise_bad_input(ranking, err):
     with pytest.raises(ValueError, match=err):
         ranking_accuracy_listwise([[0.0, 1.0, 2.0]], ranking)
@@ -101,7 +105,8 @@ def test_summary_min_median_max_and_gap():
 
 @pytest.mark.parametrize("kwargs, err", [
     (dict(alpha=[1.2, 0.5]), "alpha"), (dict(alpha=[-0.1, 0.5]), "alpha"), (dict(beta=0.0), "beta"),
-    (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"), (dict(alpha=[0.5]), "shapes"), (dict(eps=0.5), "eps"),
+    (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"), (dict(alpha=[0.5]), "lengths do not match"),
+    (dict(eps=0.5), "eps"),
 ])
 def test_idealized_bad_input(kwargs, err):
     args = dict(ref_logp_chosen=[0.0, 1.0], ref_logp_rejected=[1.0, 0.0], alpha=[0.8, 0.9], beta=1.0)
@@ -159,7 +164,7 @@ def test_thm_3_1_optimum_is_stationary_point_of_rater_level_dpo(seed):
 
 @pytest.mark.parametrize("kwargs, exc, err", [
     (dict(beta=0.0), ValueError, "beta"), (dict(beta=-1), ValueError, "beta"), (dict(gamma=-0.5), ValueError, "gamma"),
-    (dict(pol_r=torch.zeros(3)), ValueError, "shapes"), (dict(pol_c=[0.0, 0.0]), TypeError, "pol_c"),
+    (dict(pol_r=torch.zeros(3)), ValueError, "lengths do not match"), (dict(pol_c=[0.0, 0.0]), TypeError, "pol_c"),
     (dict(ref_c=torch.zeros(2, 1)), ValueError, "ref_c"),
 ])
 def test_dpo_loss_bad_input(kwargs, exc, err):
@@ -169,7 +174,7 @@ def test_dpo_loss_bad_input(kwargs, exc, err):
 
 
 def test_flip_threshold_bad_input():
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="lengths do not match"):
         flip_threshold([0.0, 1.0], [0.0], 0.1)
     with pytest.raises(ValueError, match="beta"):
         flip_threshold([0.0], [0.0], 0.0)
@@ -193,7 +198,8 @@ def test_sequence_logprobs_batch_and_padding_invariant(lm):
     full = sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=4)
     assert isinstance(full, SequenceLogprobs) and full.logp.shape == (4,) and (full.logp < 0).all()
     for bs in (1, 2, 3):
-        assert torch.allclose(sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=bs).logp, full.logp, atol=1e-5)
+        again = sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=bs)
+        assert torch.allclose(again.logp, full.logp, atol=1e-5)
     perm = [3, 1, 0, 2]  # other neighbours in the batch, other padding
     shuffled = sequence_logprobs(model, tok, [PROMPTS[i] for i in perm], [COMPLETIONS[i] for i in perm], batch_size=4)
     assert torch.allclose(shuffled.logp, full.logp[perm], atol=1e-5)
@@ -283,7 +289,7 @@ def test_make_pairs_bad_input(kwargs, err):
 def test_preference_pairs_validates():
     with pytest.raises(ValueError, match="alpha"):
         PreferencePairs(["a"], ["b"], ["c"], [1.5])
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="lengths do not match"):
         PreferencePairs(["a", "b"], ["b"], ["c"], [0.6])
 
 
@@ -340,7 +346,7 @@ def test_train_dpo_bad_input():
         train_dpo(model, None, [("a", "b", "c")], 0.1, tok, cfg)
     with pytest.raises(TypeError, match="ref"):
         train_dpo(model, "ref", pairs, 0.1, tok, cfg)
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="lengths do not match"):
         train_dpo(model, (torch.zeros(3), torch.zeros(3)), pairs, 0.1, tok, cfg)
     with pytest.raises(ValueError, match="last"):
         decoder_block_params(model, 5)
@@ -366,3 +372,16 @@ def test_train_dpo_cached_blocks_equal_plain_subset():
 def test_sequence_logprobs_from_tokens():
     s = SequenceLogprobs.from_tokens([torch.tensor([-1.0, -2.0]), torch.tensor([-3.0])])
     assert s.logp.tolist() == [-3.0, -3.0] and s.n_tokens.tolist() == [2, 1] and s.mean.tolist() == [-1.5, -3.0]
+
+
+def test_listwise_without_prompts_is_an_error():
+    with pytest.raises(ValueError, match="N >= 1"):
+        ranking_accuracy_listwise(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("gamma", [float("nan"), float("inf"), -1.0])
+def test_flip_threshold_refuses_a_bad_gamma(gamma):
+    with pytest.raises(ValueError, match="gamma"):
+        flip_threshold([0.0, 1.0], [1.0, 0.0], 0.1, gamma=gamma)
+    with pytest.raises(ValueError, match="gamma"):
+        dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), 0.1, gamma=gamma)
