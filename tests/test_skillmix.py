@@ -114,7 +114,7 @@ def test_student_learns_and_evaluates():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_chat_protocol_and_lm_grader_on_tiny_models(arch):
-    model, tok = tiny_lm(arch, seed=0)
+    model, tok = tiny_lm(arch, seed=0, max_position_embeddings=2048)  # byte-level chat prompts are long
     ev = evaluate_model(model, tok, 2, "train", 2, prompt_format="chat", max_new_tokens=6, batch_size=2)
     assert ev.points.shape == (2, 5) and ev.truncated.all()  # a random model never ends within 6 tokens
     judge = LMGrader(model, tok, batch_size=4)
