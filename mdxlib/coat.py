@@ -27,8 +27,8 @@ __all__ = ['FACTOR_VALUES', 'AG_TARGET', 'AG_FACTORS', 'AG_EDGES', 'AG_BLANKET',
            'AppleGastronome', 'sample_factor_table', 'write_review', 'CausalGraph', 'fci_graph', 'true_graph',
            'apple_gastronome', 'lexicon_value', 'FactorAnnotator', 'LexiconAnnotator', 'FactorProposer', 'phrases',
            'discriminative_phrases', 'DataDrivenProposer', 'NoDataProposer', 'OracleProposer', 'Round', 'COATResult',
-           'y_classes', 'entropy_bits', 'COAT', 'blanket_scores', 'structural_hamming_distance', 'cached_logprobs',
-           'proposal_prompt', 'parse_factors', 'LMProposer', 'LMAnnotator']
+           'y_classes', 'entropy_bits', 'COAT', 'RandomFeedbackCOAT', 'blanket_scores', 'structural_hamming_distance',
+           'cached_logprobs', 'proposal_prompt', 'parse_factors', 'LMProposer', 'LMAnnotator']
 
 # %% ../nbs/14_coat.ipynb
 FACTOR_VALUES = (-1, 0, 1)
@@ -585,6 +585,15 @@ class COAT:
             if self.stop_early and not kept:
                 break
         return COATResult(rounds, graph, ann, target)
+
+
+class RandomFeedbackCOAT(COAT):
+    "The control for the feedback: COAT with a random half of the samples fed back every round (no information in it)."
+
+    def feedback_cluster(self, values: pd.DataFrame, classes: np.ndarray, rng) -> np.ndarray:
+        "A random half of the samples, whatever the blanket explains."
+        return np.sort(rng.permutation(len(classes))[: len(classes) // 2])
+
 
 # %% ../nbs/14_coat.ipynb
 def blanket_scores(

@@ -5,8 +5,9 @@ import pytest
 
 from mdxlib.coat import (AG_BLANKET, AG_EDGES, AG_FACTORS, AG_TARGET, COAT, LEXICON, CausalGraph, DataDrivenProposer,
                          Factor, LexiconAnnotator, LMAnnotator, LMProposer, NoDataProposer, OracleProposer,
-                         apple_gastronome, blanket_scores, cached_logprobs, fci_graph, parse_factors,
-                         sample_factor_table, structural_hamming_distance, true_graph, write_review, y_classes)
+                         RandomFeedbackCOAT, apple_gastronome, blanket_scores, cached_logprobs, fci_graph,
+                         parse_factors, sample_factor_table, structural_hamming_distance, true_graph, write_review,
+                         y_classes)
 from mdxlib.models import tiny_lm
 
 ORACLE = [LEXICON[k] for k in ("size", "aroma", "taste", "recommendation", "nutrition")]
@@ -19,7 +20,7 @@ def ag():
 
 @pytest.fixture(scope="module")
 def lm():
-    return tiny_lm("llama")
+    return tiny_lm("llama", max_position_embeddings=2048)
 
 
 def test_generator_matches_its_definition():
@@ -69,6 +70,30 @@ def test_data_driven_and_no_data_loops_run(ag):
     assert set(run.blanket) <= set(run.annotations.columns)
     nodata = COAT(NoDataProposer(n_factors=4, seed=0), LexiconAnnotator(), rounds=1).run(ag.texts, ag.y)
     assert len(nodata.rounds[0].proposed) == 4
+
+
+def test_random_feedback_control_feeds_back_random_halves(ag):
+    "The control differs from COAT only in the samples fed back: a seeded random half every round, same budget."
+    args = (DataDrivenProposer(), LexiconAnnotator(0.1, seed=0))
+    run = RandomFeedbackCOAT(*args, rounds=3, seed=0, stop_early=False).run(ag.texts, ag.y, true_blanket=AG_BLANKET)
+    again = RandomFeedbackCOAT(*args, rounds=3, seed=0, stop_early=False).run(ag.texts, ag.y)
+    assert isinstance(run, type(COAT(*args).run(ag.texts, ag.y)))
+    assert all(r.cluster_size == 100 and len(np.unique(r.cluster)) == 100 for r in run.rounds)
+    assert [r.cluster.tolist() for r in run.rounds] == [r.cluster.tolist() for r in again.rounds]  # seeded
+    assert run.rounds[1].cluster.tolist() != run.rounds[2].cluster.tolist()  # a fresh half each round
+    assert all(len(r.proposed) <= 2 for r in run.rounds) and len(run.rounds) == 3
+    coat = COAT(*args, rounds=3, seed=0, stop_early=False).run(ag.texts, ag.y)
+    assert coat.rounds[0].cluster.tolist() == run.rounds[0].cluster.tolist()  # round 1 is random in both
+    assert any(a.cluster.tolist() != b.cluster.tolist() for a, b in zip(coat.rounds[1:], run.rounds[1:]))
+    with pytest.raises(TypeError, match="proposer"):
+        RandomFeedbackCOAT("gpt-4", LexiconAnnotator())
+
+
+def test_one_round_without_threshold_spends_more_of_its_budget(ag):
+    shown = {c: [t for t, k in zip(ag.texts, y_classes(ag.y)) if k == c][:20] for c in (0, 1)}
+    capped = DataDrivenProposer(max_factors=6).propose(shown, [])
+    free = DataDrivenProposer(max_factors=6, min_score=0.0).propose(shown, [])
+    assert len(capped) <= len(free) <= 6 and [f.name for f in capped] == [f.name for f in free][: len(capped)]
 
 
 def test_kernel_ci_test_runs():
