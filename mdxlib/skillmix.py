@@ -377,7 +377,7 @@ def grade(
         rows = grader.rows(text, skills, topic)
     else:
         rows = [SKILLS[s].detect(text) for s in skills] + [on_topic(text, topic), makes_sense(text)]
-    named = [re.search(rf"\b{re.escape(s)}\b", text, re.IGNORECASE) is not None for s in skills]
+    named = [re.search(rf"\b{re.escape(s)}e?s?\b", text, re.IGNORECASE) is not None for s in skills]  # plurals too
     rows = [r and not nm for r, nm in zip(rows[:len(skills)], named)] + list(rows[len(skills):])
     within = 0 < len(split_sentences(text)) <= sentence_limit(len(skills))
     return np.array(rows + [within], dtype=float)
@@ -637,12 +637,13 @@ class SkillMixEval:
 
 def sample_combinations(
     k: int,  # Skills per combination
-    split: str,  # "train", "held_out" or "all": which skills and topics
+    split: str,  # "train", "held_out" or "all": which skills (and topics, unless `topics` says otherwise)
     n: int,  # Number of combinations
     seed: int = 0,  # Seeds the draw
+    topics: str | None = None,  # The topics' split when it differs from the skills' (a diagnostic)
 ) -> list[tuple[tuple, str]]:
     "n random (k skills, topic) combinations from one split."
-    skills, topics = skill_split(split), topic_split(split)
+    skills, topics = skill_split(split), topic_split(split if topics is None else topics)
     check_int(k, "k", 1, len(skills))
     rng = random.Random(seed)
     return [(tuple(rng.sample(skills, k)), rng.choice(topics)) for _ in range(check_positive(n, "n"))]
@@ -659,10 +660,11 @@ def evaluate_model(
     max_new_tokens: int = 96,  # Generation budget per turn
     grader=None,  # An `LMGrader`; default the programmatic grader
     batch_size: int = 32,  # Prompts per `generate` call
+    topics: str | None = None,  # The topics' split when it differs from the skills' (a diagnostic)
 ) -> SkillMixEval:
     "Sample combinations, generate (greedy), grade, and aggregate the three Skill-Mix metrics."
     check_choice(prompt_format, "prompt_format", ("plain", "chat"))
-    combos = sample_combinations(k, split, n, seed)
+    combos = sample_combinations(k, split, n, seed, topics)
     if prompt_format == "plain":
         texts, cut = generate(model, tokenizer, [plain_prompt(s, t) for s, t in combos], max_new_tokens, batch_size)
         texts = [detokenize(t) for t in texts]
