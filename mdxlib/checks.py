@@ -15,7 +15,7 @@ import torch
 
 # %% auto 0
 __all__ = ['raises', 'check_int', 'check_positive', 'check_float', 'check_probability', 'check_k', 'check_choice',
-           'check_strings', 'same_length', 'check_tensor', 'check_vector', 'check_binary_labels']
+           'check_strings', 'same_length', 'check_tensor', 'check_vector', 'check_binary_labels', 'check_range']
 
 # %% ../nbs/00a_checks.ipynb
 @contextmanager
@@ -218,3 +218,20 @@ def check_binary_labels(
     if both and len(np.unique(y)) < 2:
         raise ValueError(f"{name} must contain both classes, 0 and 1")
     return y.astype(np.int64)
+
+# %% ../nbs/00a_checks.ipynb
+def check_range(
+    x: torch.Tensor,  # A real tensor (any device)
+    name: str,  # The argument's name
+    low: float | None = None,  # Smallest allowed value (inclusive; None: unbounded)
+    high: float | None = None,  # Largest allowed value (inclusive; None: unbounded)
+) -> torch.Tensor:  # `x` unchanged
+    "`x` if every value lies in [low, high] (NaN refused), else a ValueError naming `name` with the values found."
+    if x.numel() == 0:
+        return x
+    lo, hi = (v.item() for v in torch.aminmax(x.detach()))  # one reduction, one host transfer
+    bad = math.isnan(lo) or math.isnan(hi) or (low is not None and lo < low) or (high is not None and hi > high)
+    if bad:
+        nan = " (no NaN)" if x.is_floating_point() else ""
+        raise ValueError(f"{name} must lie in {_bounds(low, high)}{nan}; got values in [{lo}, {hi}]")
+    return x

@@ -13,6 +13,10 @@ os.environ.setdefault("MDXLIB_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "lint: the linter over the whole repository (deselect with -m 'not lint')")
+
+
 def pytest_addoption(parser):
     parser.addoption("--update-references", action="store_true",
                      help="rewrite tests/reference/smoke.json from this run's smoke-scale notebook metrics")
@@ -20,7 +24,7 @@ def pytest_addoption(parser):
 
 @pytest.fixture(scope="session", autouse=True)
 def _results_dir(tmp_path_factory):
-    "Every notebook and test writes its results into one temporary folder, never into the checkout."
+    "Every notebook and test writes its results (`<scale>/<notebook>.json`) into a temporary folder, not the checkout."
     d = tmp_path_factory.mktemp("results")
     os.environ["MDXLIB_RESULTS"] = str(d)
     return d

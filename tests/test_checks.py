@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mdxlib.checks import (check_binary_labels, check_choice, check_float, check_int, check_k, check_positive,
-                           check_strings, check_tensor, check_vector, raises, same_length)
+                           check_range, check_strings, check_tensor, check_vector, raises, same_length)
 
 
 def test_raises_passes_and_fails():
@@ -65,3 +65,14 @@ def test_tensors():
     assert check_binary_labels(torch.tensor([0, 1])).tolist() == [0, 1]
     with pytest.raises(ValueError, match="both classes"):
         check_binary_labels([0, 0])
+
+
+def test_check_range():
+    assert check_range(torch.tensor([0.0, 0.5, 1.0]), "t", 0, 1).shape == (3,)
+    assert check_range(torch.tensor([3, 7]), "ids", low=0).shape == (2,)  # one-sided
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\] \(no NaN\); got values in \[0.0, 1.5\]"):
+        check_range(torch.tensor([0.0, 1.5]), "t", 0, 1)
+    with pytest.raises(ValueError, match="no NaN"):
+        check_range(torch.tensor([float("nan")]), "t", 0, 1)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 9\]; got values in \[-1, 2\]"):
+        check_range(torch.tensor([-1, 2]), "ids", 0, 9)

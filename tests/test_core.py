@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mdxlib.core import (SCALES, Results, by_scale, check_scale, data_dir, get_device, load_results, progress,
-                         results_dir, seed_everything, set_style, set_threads)
+from mdxlib.core import (SCALES, Results, atomic_write, by_scale, check_scale, data_dir, file_digest, get_device,
+                         load_results, progress, read_json, results_dir, results_path, seed_everything, set_style,
+                         set_threads, write_json)
 
 
 def test_scales():
@@ -62,10 +63,70 @@ def test_results_roundtrip(tmp_path, monkeypatch):
     r = Results("10_x", "smoke", 3)
     r.log("bpc", np.float32(1.5), paper=1.37, setting="tiny model", unit="bits/char", rtol=0.1)
     r.log("acc", torch.tensor(0.25))
-    data = json.loads((tmp_path / "10_x.json").read_text())
+    data = json.loads((tmp_path / "smoke" / "10_x.json").read_text())
     assert data["scale"] == "smoke" and data["seed"] == 3
-    assert data["metrics"]["bpc"] == dict(value=1.5, paper=1.37, setting="tiny model", unit="bits/char", rtol=0.1, atol=1e-6)
+    assert data["metrics"]["bpc"] == dict(value=1.5, paper=1.37, setting="tiny model", unit="bits/char", rtol=0.1,
+                                          atol=1e-6)
     assert load_results()[0]["metrics"]["acc"]["value"] == 0.25
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["10_x.json"]  # no temporary files left
+
+
+def test_results_are_kept_per_scale(tmp_path, monkeypatch):
+    "A smoke run never replaces cpu results; a failed run's partial file is read only on request."
+    monkeypatch.setenv("MDXLIB_RESULTS", str(tmp_path))
+    Results("10_x", "cpu", 0).log("bpc", 1.4)
+    Results("10_x", "smoke", 0).log("bpc", 9.9)
+    assert [(r["scale"], r["metrics"]["bpc"]["value"]) for r in load_results()] == [("smoke", 9.9), ("cpu", 1.4)]
+    assert load_results(scale="cpu")[0]["metrics"]["bpc"]["value"] == 1.4
+    write_json(results_path("10_x", "cpu", failed=True), dict(notebook="10_x", scale="cpu", seed=0, metrics={},
+                                                                status="failed"))
+    assert len(load_results(scale="cpu")) == 1 and len(load_results(scale="cpu", failed=True)) == 2
+    with pytest.raises(ValueError, match="notebook"):
+        results_path("a/b", "cpu")
+
+
+def test_results_stage_for_runs(tmp_path, monkeypatch):
+    "Inside a `mdxlib reproduce` run, Results write to the run's staging folder, not over the last results."
+    monkeypatch.setenv("MDXLIB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("MDXLIB_RESULTS_STAGE", str(tmp_path / "stage"))
+    r = Results("10_x", "cpu", 0)
+    r.log("bpc", 1.0)
+    assert r.path == tmp_path / "stage" / "10_x.json" and not (tmp_path / "results").exists()
+
+
+def test_results_of_the_flat_layout_are_still_read(tmp_path):
+    "results/<notebook>.json from earlier versions stays visible until a run of that scale writes the new layout."
+    write_json(tmp_path / "10_x.json", dict(notebook="10_x", scale="cpu", seed=0, metrics={"a": {"value": 1.0}}))
+    assert [r["metrics"]["a"]["value"] for r in load_results(tmp_path)] == [1.0]
+    assert load_results(tmp_path, scale="smoke") == []
+    Results("10_x", "cpu", 0, path=results_path("10_x", "cpu", tmp_path)).log("a", 2.0)
+    assert [r["metrics"]["a"]["value"] for r in load_results(tmp_path)] == [2.0]
+
+
+def test_corrupt_results_file_is_named(tmp_path):
+    bad = results_path("10_x", "cpu", tmp_path)
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"notebook": "10_x", ')
+    with pytest.raises(ValueError, match="10_x.json.*damaged"):
+        load_results(tmp_path)
+    bad.write_text('[1, 2]')
+    with pytest.raises(ValueError, match="not a results file"):
+        load_results(tmp_path)
+
+
+def test_atomic_write(tmp_path):
+    target = tmp_path / "a" / "b.json"
+    write_json(target, {"x": 1}, fsync=True)
+    assert read_json(target) == {"x": 1}
+    assert (target.stat().st_mode & 0o077) != 0  # readable by others like a normal file, not mkstemp's 0600
+    target.chmod(0o640)
+    atomic_write(target, b"{}")
+    assert target.stat().st_mode & 0o777 == 0o640 and read_json(target) == {}  # the file's mode is kept
+
+    with pytest.raises(TypeError):  # a write that fails half-way leaves the old file and no temporary
+        atomic_write(target, 12345)
+    assert read_json(target) == {} and sorted(p.name for p in target.parent.iterdir()) == ["b.json"]
+    assert len(file_digest(target)) == 32
 
 
 def test_results_rejects_bad_input(tmp_path):
@@ -80,6 +141,8 @@ def test_results_rejects_bad_input(tmp_path):
         Results("10_x", "huge", 0)
     with pytest.raises(ValueError, match="notebook"):
         Results("", "cpu", 0)
+    with pytest.raises(ValueError, match="seed"):
+        Results("10_x", "cpu", -1)
     assert not (tmp_path / "x.json").exists()
 
 
@@ -99,13 +162,23 @@ def test_style_and_progress(monkeypatch):
     assert bar.disable and list(bar) == [0, 1, 2]
 
 
-def test_project_root_is_the_checkout():
+def test_project_root_is_the_checkout(monkeypatch, tmp_path):
     from pathlib import Path
 
     from mdxlib.core import project_root
 
-    root = project_root()
-    assert root == Path(__file__).resolve().parent.parent and (root / "settings.ini").exists()
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root / "tests")
+    assert project_root() == root and (root / "settings.ini").exists()
+    clone = tmp_path / "clone"  # another checkout: a command run inside it writes there, not where mdxlib lives
+    for sub in ("mdxlib", "nbs/sub"):
+        (clone / sub).mkdir(parents=True)
+    (clone / "settings.ini").write_text("[DEFAULT]\n")
+    monkeypatch.chdir(clone / "nbs" / "sub")
+    monkeypatch.delenv("MDXLIB_RESULTS", raising=False)
+    assert project_root() == clone.resolve() and results_dir() == clone.resolve() / "results"
+    monkeypatch.chdir(tmp_path)  # outside any checkout: the one the package was loaded from
+    assert project_root() == root
 
 
 def test_progress_text_mode(monkeypatch):

@@ -127,6 +127,39 @@ def test_text8_offline_error_names_austen(monkeypatch, var):
         load_char_corpus("text8", "validation")
 
 
+def test_damaged_shipped_corpus_names_the_file(tmp_path, monkeypatch):
+    "A truncated, garbled or foreign data file is an error that names it, not a crash deep inside lzma."
+    import lzma
+
+    from mdxlib.core import data_dir
+    from mdxlib.data import AUSTEN8_FILE
+
+    shipped = (data_dir() / AUSTEN8_FILE).read_bytes()
+    cases = {"cut": shipped[:4000], "garbled": shipped[:100] + bytes(200) + shipped[300:],
+             "not_text8": lzma.compress(b"Hello, World!" * 10), "empty": b""}
+    for name, content in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / AUSTEN8_FILE).write_bytes(content)
+        monkeypatch.setenv("MDXLIB_DATA", str(folder))
+        with pytest.raises(ValueError, match=f"{folder / AUSTEN8_FILE}.*damaged"):
+            load_char_corpus("austen", "train")
+    monkeypatch.setenv("MDXLIB_DATA", str(tmp_path / "missing"))
+    (tmp_path / "missing").mkdir()
+    with pytest.raises(FileNotFoundError, match="austen8.txt.xz is missing"):
+        load_char_corpus("austen", "train")
+
+
+def test_damaged_fashion_mnist_file_names_it(tmp_path):
+    images = np.zeros((2, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, True)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(2), False)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz is damaged"):
+        load_fashion_mnist("test", root=tmp_path)
+
+
 def test_build_austen8_without_debian_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="r-cran-janeaustenr"):
         build_austen8(tmp_path, out=tmp_path / "out.xz")
@@ -177,9 +210,9 @@ def test_random_batches_global_generator_is_seedable():
 
 
 @pytest.mark.parametrize("kwargs, exc, arg", [
-    ({"data": [1, 2, 3]}, TypeError, "data"),
+    ({"data": "abc"}, TypeError, "data"),
     ({"data": torch.zeros(2, 50, dtype=torch.long)}, ValueError, "data"),
-    ({"data": torch.rand(50)}, ValueError, "data"),
+    ({"data": torch.rand(50)}, TypeError, "data"),
     ({"batch_size": 0}, ValueError, "batch_size"),
     ({"batch_size": 2.0}, ValueError, "batch_size"),
     ({"seq_len": -1}, ValueError, "seq_len"),
@@ -221,7 +254,7 @@ def test_sequential_batches_bad_arguments():
     with pytest.raises(ValueError, match="^seq_len"):
         sequential_batches(torch.arange(10), 2, 0)
     with pytest.raises(TypeError, match="^data"):
-        sequential_batches(np.arange(10), 2, 2)
+        sequential_batches("0123456789", 2, 2)
 
 
 # ---- images ---------------------------------------------------------------------------------------------------

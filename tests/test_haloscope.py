@@ -57,7 +57,8 @@ def test_subspace_scores_new_points_like_membership():
     torch.testing.assert_close(project_scores(x, mu, s, v), membership_scores(x, k=3))
     torch.testing.assert_close(v @ v.T, torch.eye(3, dtype=v.dtype))
     _, _, v2 = top_subspace(-x, 3)  # signs are fixed by convention, not by the SVD routine
-    assert (v2.abs().argmax(1) == v.abs().argmax(1)).all() and (v2.gather(1, v2.abs().argmax(1, keepdim=True)) > 0).all()
+    assert (v2.abs().argmax(1) == v.abs().argmax(1)).all()
+    assert (v2.gather(1, v2.abs().argmax(1, keepdim=True)) > 0).all()
 
 
 @pytest.mark.parametrize("k", [0, -1, 11, 2.0, True, None])
@@ -77,12 +78,13 @@ def test_membership_non_finite(bad):
 
 
 def test_membership_bad_shapes_and_types():
-    with pytest.raises(ValueError, match="dimensions"):
+    with pytest.raises(ValueError, match="dimension"):
         membership_scores(torch.randn(2, 10, 4), k=1)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="float"):
         membership_scores(torch.ones(10, 4, dtype=torch.long), k=1)
     with pytest.raises(TypeError, match="emb"):
-        membership_scores([[1.0, 2.0]], k=1)
+        membership_scores("not embeddings", k=1)
+    assert membership_scores([[1.0, 2.0], [0.0, 1.0], [2.0, 0.5]], k=1).shape == (3,)  # nested lists are fine
     assert membership_scores(np.random.default_rng(0).normal(size=(10, 4)), k=2).shape == (10,)  # numpy is fine
 
 
@@ -283,12 +285,14 @@ def test_country_qa():
 
 
 def test_truth_labeller():
-    assert normalize_answer("  The Capital of Côte d'Ivoire is YAMOUSSOUKRO. ") == "capital of cote divoire is yamoussoukro"
+    expected = "capital of cote divoire is yamoussoukro"
+    assert normalize_answer("  The Capital of Côte d'Ivoire is YAMOUSSOUKRO. ") == expected
     assert alias_match("It's Brasília!", ["Brasília"]) and alias_match("brasilia", ["Brasília"])
     assert not alias_match("Tunisia is in Africa", ["Tunis"])  # whole words only
     assert not alias_match("It is in South America.", ["North America", "Central America"])
     assert truth_labels(["Paris", "The capital is Paris.", "Lyon"], [["Paris"]] * 3).tolist() == [1, 1, 0]
-    assert truth_labels(["Paris", "The capital is Paris.", "Lyon"], [["Paris"]] * 3, method="rouge").tolist() == [1, 0, 0]
+    labels = truth_labels(["Paris", "The capital is Paris.", "Lyon"], [["Paris"]] * 3, method="rouge")
+    assert labels.tolist() == [1, 0, 0]
     assert rouge_l("the capital is paris", ["Lyon", "Paris"]) == pytest.approx(0.4)
     with pytest.raises(ValueError, match="method"):
         truth_labels(["x"], [["x"]], method="bleurt")

@@ -1,4 +1,4 @@
-"mdxlib.kernels from the outside: interpret mode, the dispatcher, check_op, bench, and the softmax kernels (interpreted on CPU)."
+"mdxlib.kernels from the outside: interpret mode, dispatcher, check_op, bench, softmax kernels (interpreted on CPU)."
 import functools
 import json
 import math
@@ -11,14 +11,14 @@ import warnings
 import pytest
 import torch
 
-import mdxlib.kernels as K
 from mdxlib.kernels import (BACKENDS, HAS_TRITON, OPS, TOLERANCES, TRITON_INTERPRET, KernelOp, bench, check_op,
                             choose_interpret, pick_backend, randn_inputs, softmax, softmax_bwd,
                             softmax_fwd, softmax_ref, softmax_triton, triton_available)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNELS_RUN = triton_available(DEVICE)
-needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="Triton kernels cannot run here (no triton, or interpret mode off on CPU)")
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN,
+                                   reason="Triton kernels cannot run here (no triton, or interpret mode off on CPU)")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ODD_SHAPES = [(1, 1), (1, 37), (3, 5), (2, 3, 17), (2, 130)]
 
@@ -33,14 +33,21 @@ def _run(code: str, fake_gpu: bool = False, block_triton: bool = False, **env) -
     if block_triton:  # what a machine without triton (macOS) sees
         pre += "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
     full = pre + "import json, os, torch\nimport mdxlib.kernels as K\n" + textwrap.dedent(code)
-    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MDXLIB_TRITON_INTERPRET", "MDXLIB_BACKEND")}
+    drop = ("TRITON_INTERPRET", "MDXLIB_TRITON_INTERPRET", "MDXLIB_BACKEND")
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
     environ.update(env)
     proc = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, env=environ, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-STATE = "print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ['TRITON_INTERPRET'], has=K.HAS_TRITON)))"
+STATE = """
+import subprocess, sys
+child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('TRITON_INTERPRET'))"],
+                       capture_output=True, text=True).stdout.strip()
+print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ.get('TRITON_INTERPRET'), has=K.HAS_TRITON,
+                      knob=K.triton.knobs.runtime.interpret, child=child)))
+"""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the automatic choice on a machine without GPU")
@@ -48,19 +55,28 @@ def test_interpret_on_automatically_without_gpu_and_kernels_launch():
     out = _run("""
         x = torch.randn(2, 7)
         err = (K.softmax(x, backend="triton") - K.softmax_ref(x)).abs().max().item()
-        print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ['TRITON_INTERPRET'], err=err)))
+        print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ.get('TRITON_INTERPRET'), err=err)))
     """)
-    assert out["interp"] is True and out["env"] == "1" and out["err"] < 1e-6
+    assert out["interp"] is True and out["env"] is None and out["err"] < 1e-6  # on, without touching the environment
 
 
 def test_interpret_never_automatic_on_gpu_machine():
     out = _run(STATE, fake_gpu=True)
-    assert out["interp"] is False and out["env"] == "0"
+    assert out["interp"] is False and out["knob"] is False and out["env"] is None
 
 
 def test_interpret_override_on_even_with_gpu():
     out = _run(STATE, fake_gpu=True, MDXLIB_TRITON_INTERPRET="1")
-    assert out["interp"] is True and out["env"] == "1"
+    assert out["interp"] is True and out["knob"] is True and out["env"] is None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the interpreter switch exists only with triton")
+def test_interpret_choice_does_not_leak_to_child_processes():
+    out = _run(STATE, MDXLIB_TRITON_INTERPRET="1")  # the process interprets; a child started after the import...
+    assert out["interp"] is True and out["knob"] is True
+    assert out["env"] is None and out["child"] == "None"  # ...does not inherit TRITON_INTERPRET
+    out = _run(STATE, MDXLIB_TRITON_INTERPRET="1", TRITON_INTERPRET="0")  # a user's own value is kept as it was
+    assert out["interp"] is True and out["env"] == "0" and out["child"] == "0"
 
 
 def test_interpret_override_off_on_cpu():
@@ -71,9 +87,10 @@ def test_interpret_override_off_on_cpu():
         except RuntimeError as e:
             msg = str(e)
         auto_ok = torch.allclose(K.softmax(x), K.softmax_ref(x))  # auto still takes torch
-        print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ['TRITON_INTERPRET'], msg=msg, auto_ok=auto_ok)))
+        print(json.dumps(dict(interp=K.TRITON_INTERPRET, env=os.environ.get('TRITON_INTERPRET'), msg=msg,
+                              auto_ok=auto_ok)))
     """, MDXLIB_TRITON_INTERPRET="0", TRITON_INTERPRET="1")
-    assert out["interp"] is False and out["env"] == "0" and out["auto_ok"]
+    assert out["interp"] is False and out["env"] == "1" and out["auto_ok"]  # the user's variable is left alone
     assert "MDXLIB_TRITON_INTERPRET=1" in out["msg"]
 
 
@@ -126,7 +143,8 @@ def test_pick_backend_on_cpu_tensors(monkeypatch):
     monkeypatch.delenv("MDXLIB_BACKEND", raising=False)
     x = torch.zeros(2)
     assert BACKENDS == ("auto", "torch", "triton")
-    assert pick_backend("auto", x) == "torch" and pick_backend(None, x) == "torch" and pick_backend("torch", x) == "torch"
+    assert pick_backend("auto", x) == "torch" and pick_backend(None, x) == "torch"
+    assert pick_backend("torch", x) == "torch"
     assert pick_backend("auto") == "torch"  # no tensors: nothing to run a kernel on
     if HAS_TRITON and TRITON_INTERPRET:
         assert pick_backend("triton", x) == "triton"
@@ -150,7 +168,8 @@ def test_pick_backend_on_cuda_tensors():
 def test_kernel_op_calls_the_chosen_path(monkeypatch):
     monkeypatch.delenv("MDXLIB_BACKEND", raising=False)
     calls = []
-    op = KernelOp("_test_op", lambda x, k=1: calls.append("torch") or x * k, lambda x, k=1: calls.append("triton") or x * k)
+    op = KernelOp("_test_op", lambda x, k=1: calls.append("torch") or x * k,
+                  lambda x, k=1: calls.append("triton") or x * k)
     try:
         x = torch.ones(3)
         assert torch.equal(op(x, k=2), 2 * x) and calls == ["torch"]
@@ -192,7 +211,8 @@ class _WrongBackward(torch.autograd.Function):
 
 
 def test_check_op_passes_a_correct_op_and_reports_errors():
-    table = check_op(lambda x: torch.softmax(x.float(), -1).to(x.dtype), softmax_ref, shapes=[(2, 3), (4,)], dtypes=DTYPES)
+    table = check_op(lambda x: torch.softmax(x.float(), -1).to(x.dtype), softmax_ref, shapes=[(2, 3), (4,)],
+                     dtypes=DTYPES)
     assert len(table) == 2 * 3 * 2 and set(table["tensor"]) == {"out[0]", "grad[0]"}
     assert set(table["dtype"]) == {"float32", "float16", "bfloat16"}
     assert (table["max_abs_err"] <= table["atol"] + table["rtol"]).all()
@@ -237,12 +257,29 @@ def test_check_op_bad_arguments():
 
 def test_bench_returns_a_table():
     a = torch.randn(32, 32)
-    table = bench({"add": lambda: a + a, "mul": lambda: a * a}, n_bytes=3 * a.numel() * 4, warmup=1, repeats=3, number=2)
+    table = bench({"add": lambda: a + a, "mul": lambda: a * a}, n_bytes=3 * a.numel() * 4, warmup=1, repeats=3,
+                  number=2)
     assert list(table.index) == ["add", "mul"]
-    assert {"time_us", "q20_us", "q80_us", "GB/s"} <= set(table.columns)
+    assert {"time_us", "min_us", "q25_us", "q75_us", "max_us", "samples", "GB/s"} <= set(table.columns)
     assert ("peak_MB" in table.columns) == torch.cuda.is_available()
-    assert (table["time_us"] > 0).all() and (table["q20_us"] <= table["q80_us"]).all()
+    assert (table["time_us"] > 0).all() and (table["min_us"] <= table["time_us"]).all()
+    assert (table["time_us"] <= table["max_us"]).all() and (table["samples"] == 3).all()
     assert "GB/s" not in bench({"add": lambda: a + a}, repeats=1, device="cpu").columns
+
+
+def test_bench_interleaves_over_inputs():
+    order, made = [], []
+
+    def setup(i):
+        made.append(i)
+        return {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+
+    table = bench(setup, inputs=8, repeats=2, warmup=0, n_bytes={"a": 1e3}, device="cpu")
+    assert made == list(range(8)) and (table["samples"] == 16).all()
+    assert order[:4] == ["a", "b", "b", "a"]  # A B, then B A: the order rotates from round to round
+    assert math.isnan(table.loc["b", "GB/s"]) and table.loc["a", "GB/s"] > 0
+    with pytest.raises(ValueError, match="setup"):
+        bench(lambda i: {"a": int} if i == 0 else {"c": int}, inputs=2, repeats=1, device="cpu")
 
 
 def test_bench_bad_arguments():
@@ -250,7 +287,7 @@ def test_bench_bad_arguments():
         bench({})
     with pytest.raises(TypeError, match="fns"):
         bench({"x": 3})
-    for kw in (dict(repeats=0), dict(warmup=-1), dict(number=1.5)):
+    for kw in (dict(repeats=0), dict(warmup=-1), dict(number=1.5), dict(inputs=0)):
         with pytest.raises(ValueError, match=next(iter(kw))):
             bench({"x": lambda: None}, **kw)
 

@@ -55,7 +55,7 @@ def test_balanced_kmeans_groups_similar_neurons():
 @pytest.mark.parametrize("kw,err,msg", [(dict(expert_size=7), ValueError, "must divide d_ff"),
                                         (dict(expert_size=0), ValueError, "expert_size must be"),
                                         (dict(method="kmeans"), ValueError, "method must be"),
-                                        (dict(weight=torch.zeros(4)), TypeError, "weight must be")])
+                                        (dict(weight=torch.zeros(4)), ValueError, "weight must have 2")])
 def test_group_neurons_bad_inputs(kw, err, msg):
     with pytest.raises(err, match=msg):
         group_neurons(**(dict(weight=torch.zeros(32, 4), expert_size=8) | kw))
@@ -202,7 +202,8 @@ def test_sparsity_report_counts_and_flops(stock):
     a = adapter(model)
     assert math.isclose(rep.flops["ffn_lte"], rep.flops["ffn_dense"] / n)
     assert rep.flops["router"] == a.n_layers * 2 * a.d_model * n
-    assert math.isclose(rep.flops["lte"], rep.flops["dense"] - rep.flops["ffn_dense"] + rep.flops["ffn_lte"] + rep.flops["router"])
+    f = rep.flops
+    assert math.isclose(f["lte"], f["dense"] - f["ffn_dense"] + f["ffn_lte"] + f["router"])
     assert math.isclose(rep.ppl, evaluate_lm(model, [IDS, IDS[:1]])["ppl"], rel_tol=1e-6)
     set_routing(model, "dense")
     assert sparsity_report(model, [IDS]).overall == 0
@@ -247,3 +248,67 @@ def test_smollm2_one_layer():
         torch.testing.assert_close(model(ids).logits, hard, atol=1e-4, rtol=1e-4)
         rep = sparsity_report(model, [ids])
     assert 0 <= rep.overall <= 1 and rep.flops["dense"] > 2e8 and math.isfinite(rep.ppl)
+
+
+# bad input caught before the model changes ------------------------------------------------------------------------
+
+def _unchanged(model, logits):
+    with torch.no_grad():
+        return not lte_layers(model) and torch.equal(model(IDS).logits, logits)
+
+
+@pytest.mark.parametrize("bad, msg", [(dict(expert_size=0), "expert_size"), (dict(expert_size="32"), "expert_size"),
+                                      (dict(expert_size=32.0), "expert_size"), (dict(layers=[0, 0]), "distinct"),
+                                      (dict(method="kmeans"), "method"), (dict(router="relu"), "router"),
+                                      (dict(tau=float("nan")), "tau")])
+def test_to_lte_refuses_bad_arguments(stock, bad, msg):
+    _, model, logits = stock
+    with pytest.raises(ValueError, match=msg):
+        to_lte(model, **{"expert_size": 32, "method": "random", **bad})
+    assert _unchanged(model, logits)
+
+
+def test_to_lte_validates_every_group_before_changing_anything(stock):
+    _, model, logits = stock
+    a = adapter(model)
+    good = {i: group_neurons(a.mlp_in_weights(i)[next(iter(a.mlp_in_weights(i)))], 32, "random", seed=i)
+            for i in range(a.n_layers)}
+    repeated = good[1].clone()
+    repeated[0, 0] = repeated[0, 1]  # one neuron twice, another never: dense mode would no longer be the stock model
+    cases = [({**good, 1: repeated}, "exactly once"), ({**good, 1: good[1][:2]}, "shape"),
+             ({**good, 1: good[1].float()}, "int"), ({**good, 1: good[1] + 1}, "exactly once"), ({0: good[0]}, "every")]
+    for groups, msg in cases:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            to_lte(model, expert_size=32, groups=groups)
+        assert _unchanged(model, logits)  # layer 0 was valid, yet nothing was converted
+    conv = to_lte(copy.deepcopy(model), expert_size=32, groups=good)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(IDS).logits, logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(m.groups, good[i]) for i, m in lte_layers(conv).items())
+
+
+def test_lte_runs_on_any_llama_style_family():
+    model, _ = tiny_lm("qwen2", seed=0)
+    with torch.no_grad():
+        ref = model(IDS).logits
+        conv = to_lte(model, expert_size=32, method="random")
+        torch.testing.assert_close(conv(IDS).logits, ref, atol=1e-5, rtol=1e-5)
+        set_routing(conv, "hard")
+        hard = conv(IDS).logits
+        set_routing(conv, "hard", sparse=True)
+        torch.testing.assert_close(conv(IDS).logits, hard, atol=1e-5, rtol=1e-5)
+    assert lte_layers(conv)[0].family == "llama" and lte_layers(conv)[0].parts.gate is not None
+
+
+def test_evaluate_lm_counts_only_targets(stock):
+    _, model, _ = stock
+    labels = IDS.clone()
+    labels[:, 7:] = -100  # only the first 7 tokens are scored: 6 targets per row
+    with torch.no_grad():
+        loss = model(IDS, labels=labels).loss.item()
+    out = evaluate_lm(model, [dict(input_ids=IDS, labels=labels), IDS[:, :1]])  # one-token rows predict nothing
+    assert math.isclose(out["loss"], loss, rel_tol=1e-6) and math.isfinite(out["ppl"])
+    with pytest.raises(ValueError, match="no targets"):
+        evaluate_lm(model, [IDS[:, :1]])
+    with pytest.raises(ValueError, match="no targets"):
+        evaluate_lm(model, [dict(input_ids=IDS, labels=torch.full_like(IDS, -100))])

@@ -98,3 +98,19 @@ def test_bad_inputs(change, err, msg):
         sparse_ffn(**(args | change))
     with pytest.raises(err, match=msg):
         sparse_ffn_ref(**(args | change))
+
+
+def test_gate_may_be_the_very_tensor_of_up():
+    "A gate that *is* w_up gives silu(x Wu) * (x Wu), on every path (the kernel once dropped such a gate)."
+    args = make(3, 20, 4, 4, seed=5)
+    args["w_gate"] = args["w_up"]
+    ref = sparse_ffn_ref(**args)
+    u = args["x"] @ args["w_up"].T
+    expected = (torch.nn.functional.silu(u) * u * args["active"].repeat_interleave(4, 1)) @ args["w_down"]
+    torch.testing.assert_close(ref, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sparse_ffn(**args, backend="torch"), ref, atol=1e-4, rtol=1e-4)
+    assert (ref - sparse_ffn_ref(**(args | dict(w_gate=None)))).abs().max() > 1e-2  # not the gate-less FFN
+    if HAS_TRITON and (TRITON_INTERPRET or torch.cuda.is_available()):
+        dev = "cuda" if torch.cuda.is_available() and not TRITON_INTERPRET else "cpu"
+        on = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        torch.testing.assert_close(sparse_ffn(**on, backend="triton").cpu(), ref, atol=1e-4, rtol=1e-4)

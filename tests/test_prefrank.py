@@ -1,4 +1,5 @@
-"mdxlib.prefrank from the outside: ranking accuracies, the idealized accuracy, the DPO loss and its theorems, log-likelihoods of completions, DPO training."
+"""mdxlib.prefrank from the outside: ranking accuracies, the idealized accuracy, the DPO loss and its theorems,
+log-likelihoods of completions, DPO training with held-out tracking, flips by margin, the on-policy preference set."""
 import math
 
 import pytest
@@ -6,10 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from mdxlib.models import encode_completions
-from mdxlib.prefrank import (PAPER_BETAS, PreferencePairs, SequenceLogprobs, block_inputs, completion_logprobs,
-                             decoder_block_params, dpo_loss, flip_threshold, idealized_ranking_accuracy,
-                             idealized_ranking_summary, load_capitals, make_preference_pairs, optimal_log_ratio,
-                             ranked_correctly, ranking_accuracy, ranking_accuracy_listwise, sequence_logprobs, train_dpo)
+from mdxlib.prefrank import (PAPER_BETAS, PairScores, PreferencePairs, SequenceLogprobs, block_inputs,
+                             completion_logprobs, decoder_block_params, dpo_loss, flip_threshold, flips_by_margin,
+                             idealized_ranking_accuracy, idealized_ranking_summary, load_capitals,
+                             make_preference_pairs, optimal_log_ratio, ranked_correctly, ranking_accuracy,
+                             ranking_accuracy_listwise, rate_ci, rate_pairs, sample_completions, sequence_logprobs,
+                             sorting_reward, sorting_task, train_dpo, train_sft)
 from mdxlib.train import TrainConfig
 
 
@@ -27,7 +30,8 @@ def test_ranking_accuracy_counts_ties_in_likelihood_as_correct():
 
 def test_tied_votes_use_probability_difference_in_log_space():
     # probabilities e^-50 and e^-60 differ by far less than 0.01 (and would underflow in float32 as plain numbers)
-    assert ranked_correctly([-50.0, -0.1, -0.1], [-60.0, -2.0, -0.1005], tie_votes=[True, True, True]).tolist() == [True, False, True]
+    correct = ranked_correctly([-50.0, -0.1, -0.1], [-60.0, -2.0, -0.1005], tie_votes=[True, True, True])
+    assert correct.tolist() == [True, False, True]
     # a tied pair ranked "wrong" can still count as correct, and tie_eps matters
     assert ranked_correctly([-2.0], [-1.99], tie_votes=[True]).tolist() == [True]
     assert ranked_correctly([-0.5], [-0.4], tie_votes=[True], tie_eps=0.2).tolist() == [True]
@@ -35,11 +39,11 @@ def test_tied_votes_use_probability_difference_in_log_space():
 
 
 @pytest.mark.parametrize("kwargs, err", [
-    (dict(logp_chosen=[0.0, 1.0], logp_rejected=[0.0]), "shapes"),
-    (dict(logp_chosen=[float("nan")], logp_rejected=[0.0]), "non-finite"),
-    (dict(logp_chosen=[[0.0]], logp_rejected=[[0.0]]), "1-d"),
+    (dict(logp_chosen=[0.0, 1.0], logp_rejected=[0.0]), "lengths do not match"),
+    (dict(logp_chosen=[float("nan")], logp_rejected=[0.0]), "NaN"),
+    (dict(logp_chosen=[[0.0]], logp_rejected=[[0.0]]), "dimension"),
     (dict(logp_chosen=[], logp_rejected=[]), "empty"),
-    (dict(logp_chosen=[0.0], logp_rejected=[0.0], tie_votes=[True, False]), "shapes"),
+    (dict(logp_chosen=[0.0], logp_rejected=[0.0], tie_votes=[True, False]), "lengths do not match"),
     (dict(logp_chosen=[0.0], logp_rejected=[0.0], tie_eps=0.0), "tie_eps"),
 ])
 def test_ranking_accuracy_bad_input(kwargs, err):
@@ -60,7 +64,8 @@ def test_listwise_is_exact_match_and_reduces_to_pairwise():
     assert ranking_accuracy_listwise(torch.stack([c, r], 1), [[0, 1]] * 100) == ranking_accuracy(c, r)
 
 
-@pytest.mark.parametrize("ranking, err", [([[0, 0, 1]], "permutation"), ([[0, 1]], "shape"), ([[0.0, 1.0, 2.0]], "permutation")])
+@pytest.mark.parametrize("ranking, err", [([[0, 0, 1]], "permutation"), ([[0, 1]], "shape"),
+                                          ([[0.0, 1.0, 2.0]], "permutation")])
 def test_listwise_bad_input(ranking, err):
     with pytest.raises(ValueError, match=err):
         ranking_accuracy_listwise([[0.0, 1.0, 2.0]], ranking)
@@ -101,7 +106,8 @@ def test_summary_min_median_max_and_gap():
 
 @pytest.mark.parametrize("kwargs, err", [
     (dict(alpha=[1.2, 0.5]), "alpha"), (dict(alpha=[-0.1, 0.5]), "alpha"), (dict(beta=0.0), "beta"),
-    (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"), (dict(alpha=[0.5]), "shapes"), (dict(eps=0.5), "eps"),
+    (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"), (dict(alpha=[0.5]), "lengths do not match"),
+    (dict(eps=0.5), "eps"),
 ])
 def test_idealized_bad_input(kwargs, err):
     args = dict(ref_logp_chosen=[0.0, 1.0], ref_logp_rejected=[1.0, 0.0], alpha=[0.8, 0.9], beta=1.0)
@@ -159,7 +165,7 @@ def test_thm_3_1_optimum_is_stationary_point_of_rater_level_dpo(seed):
 
 @pytest.mark.parametrize("kwargs, exc, err", [
     (dict(beta=0.0), ValueError, "beta"), (dict(beta=-1), ValueError, "beta"), (dict(gamma=-0.5), ValueError, "gamma"),
-    (dict(pol_r=torch.zeros(3)), ValueError, "shapes"), (dict(pol_c=[0.0, 0.0]), TypeError, "pol_c"),
+    (dict(pol_r=torch.zeros(3)), ValueError, "lengths do not match"), (dict(pol_c=[0.0, 0.0]), TypeError, "pol_c"),
     (dict(ref_c=torch.zeros(2, 1)), ValueError, "ref_c"),
 ])
 def test_dpo_loss_bad_input(kwargs, exc, err):
@@ -169,7 +175,7 @@ def test_dpo_loss_bad_input(kwargs, exc, err):
 
 
 def test_flip_threshold_bad_input():
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="lengths do not match"):
         flip_threshold([0.0, 1.0], [0.0], 0.1)
     with pytest.raises(ValueError, match="beta"):
         flip_threshold([0.0], [0.0], 0.0)
@@ -193,7 +199,8 @@ def test_sequence_logprobs_batch_and_padding_invariant(lm):
     full = sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=4)
     assert isinstance(full, SequenceLogprobs) and full.logp.shape == (4,) and (full.logp < 0).all()
     for bs in (1, 2, 3):
-        assert torch.allclose(sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=bs).logp, full.logp, atol=1e-5)
+        again = sequence_logprobs(model, tok, PROMPTS, COMPLETIONS, batch_size=bs)
+        assert torch.allclose(again.logp, full.logp, atol=1e-5)
     perm = [3, 1, 0, 2]  # other neighbours in the batch, other padding
     shuffled = sequence_logprobs(model, tok, [PROMPTS[i] for i in perm], [COMPLETIONS[i] for i in perm], batch_size=4)
     assert torch.allclose(shuffled.logp, full.logp[perm], atol=1e-5)
@@ -283,7 +290,7 @@ def test_make_pairs_bad_input(kwargs, err):
 def test_preference_pairs_validates():
     with pytest.raises(ValueError, match="alpha"):
         PreferencePairs(["a"], ["b"], ["c"], [1.5])
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="lengths do not match"):
         PreferencePairs(["a", "b"], ["b"], ["c"], [0.6])
 
 
@@ -340,7 +347,7 @@ def test_train_dpo_bad_input():
         train_dpo(model, None, [("a", "b", "c")], 0.1, tok, cfg)
     with pytest.raises(TypeError, match="ref"):
         train_dpo(model, "ref", pairs, 0.1, tok, cfg)
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="lengths do not match"):
         train_dpo(model, (torch.zeros(3), torch.zeros(3)), pairs, 0.1, tok, cfg)
     with pytest.raises(ValueError, match="last"):
         decoder_block_params(model, 5)
@@ -366,3 +373,205 @@ def test_train_dpo_cached_blocks_equal_plain_subset():
 def test_sequence_logprobs_from_tokens():
     s = SequenceLogprobs.from_tokens([torch.tensor([-1.0, -2.0]), torch.tensor([-3.0])])
     assert s.logp.tolist() == [-3.0, -3.0] and s.n_tokens.tolist() == [2, 1] and s.mean.tolist() == [-1.5, -3.0]
+
+
+def test_listwise_without_prompts_is_an_error():
+    with pytest.raises(ValueError, match="N >= 1"):
+        ranking_accuracy_listwise(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("gamma", [float("nan"), float("inf"), -1.0])
+def test_flip_threshold_refuses_a_bad_gamma(gamma):
+    with pytest.raises(ValueError, match="gamma"):
+        flip_threshold([0.0, 1.0], [1.0, 0.0], 0.1, gamma=gamma)
+    with pytest.raises(ValueError, match="gamma"):
+        dpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2), 0.1, gamma=gamma)
+
+
+# ---------------------------------------------------------------- held-out tracking and the kept checkpoint
+
+def _swapped(pairs):
+    return PreferencePairs(pairs.prompts, pairs.rejected, pairs.chosen, 1 - pairs.alpha)
+
+
+def test_train_dpo_keeps_lowest_heldout_loss_not_last_step():
+    from mdxlib.models import tiny_lm
+
+    model, tok = tiny_lm("llama")
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pairs = make_preference_pairs(4, 4, seed=0)
+    cfg = TrainConfig(steps=8, lr=3e-3, weight_decay=0.0, eval_every=2, seed=0)
+    run = train_dpo(model, None, pairs, 0.5, tok, cfg, batch_size=4, heldout=_swapped(pairs))
+    ev = run.evals
+    assert ev.step.tolist() == [0, 2, 4, 6, 8]
+    assert {"heldout_R", "heldout_loss", "heldout_flipped"} <= set(ev.columns)
+    assert ev.loss.iloc[-1] < ev.loss[0] and ev.heldout_loss.iloc[-1] > ev.heldout_loss[0]  # last step is the worst
+    assert run.best_step == 0 and ev.heldout_loss.idxmin() == 0
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())  # the model is the kept checkpoint
+    assert torch.equal(run.pol_c, run.ref_c) and torch.equal(run.heldout.pol_c, run.heldout.ref_c)
+    assert not torch.allclose(run.train_final.pol_c, run.ref_c)  # ... while the end of training moved
+    assert ev.heldout_loss.iloc[-1] == pytest.approx(run.heldout_final.metrics(0.5)["loss"])
+
+
+def test_train_dpo_kept_checkpoint_is_the_returned_model():
+    from mdxlib.models import tiny_lm
+
+    model, tok = tiny_lm("llama")
+    pairs = make_preference_pairs(4, 4, seed=3)
+    heldout = make_preference_pairs(3, 3, seed=4)
+    cfg = TrainConfig(steps=6, lr=3e-3, weight_decay=0.0, eval_every=1, seed=0)
+    run = train_dpo(model, None, pairs, 0.5, tok, cfg, batch_size=4, heldout=heldout)
+    ev = run.evals.set_index("step")
+    assert ev.heldout_loss[run.best_step] == ev.heldout_loss.min()
+    now = [sequence_logprobs(model, tok, heldout.prompts, y).logp.double() for y in (heldout.chosen, heldout.rejected)]
+    assert torch.allclose(now[0], run.heldout.pol_c, atol=1e-5) and torch.allclose(now[1], run.heldout.pol_r, atol=1e-5)
+    assert run.heldout.metrics(0.5)["loss"] == pytest.approx(ev.heldout_loss.min())
+    assert ev.R[run.best_step] == pytest.approx(ranking_accuracy(run.pol_c, run.pol_r))
+
+
+def test_train_dpo_without_heldout_keeps_last_step():
+    from mdxlib.models import tiny_lm
+
+    model, tok = tiny_lm("llama")
+    pairs = make_preference_pairs(3, 3, seed=0)
+    run = train_dpo(model, None, pairs, 0.5, tok, TrainConfig(steps=3, lr=3e-3, seed=0), batch_size=3)
+    assert run.best_step == 3 and run.heldout is None and run.heldout_final is None
+    assert torch.equal(run.train.pol_c, run.train_final.pol_c)
+
+
+def test_train_dpo_heldout_with_precomputed_reference():
+    from mdxlib.models import tiny_lm
+
+    pairs, heldout = make_preference_pairs(3, 3, seed=0), make_preference_pairs(2, 2, seed=5)
+    cfg = TrainConfig(steps=2, lr=1e-3, seed=0)
+    ref_model, tok = tiny_lm("llama", seed=1)
+    m1, _ = tiny_lm("llama")
+    a = train_dpo(m1, ref_model, pairs, 0.1, tok, cfg, batch_size=3, heldout=heldout)
+    m2, _ = tiny_lm("llama")
+    b = train_dpo(m2, (a.ref_c, a.ref_r), pairs, 0.1, tok, cfg, batch_size=3, heldout=heldout,
+                  heldout_ref=(a.heldout.ref_c, a.heldout.ref_r))
+    assert torch.allclose(a.heldout.pol_c, b.heldout.pol_c, atol=1e-5) and a.best_step == b.best_step
+
+
+def test_train_dpo_heldout_bad_input():
+    from mdxlib.models import tiny_lm
+
+    model, tok = tiny_lm("llama")
+    pairs = make_preference_pairs(2, 2, seed=0)
+    cfg = TrainConfig(steps=1)
+    ref = (torch.zeros(4), torch.zeros(4))
+    with pytest.raises(TypeError, match="heldout"):
+        train_dpo(model, None, pairs, 0.1, tok, cfg, heldout=[("a", "b", "c")])
+    with pytest.raises(ValueError, match="heldout_ref"):
+        train_dpo(model, None, pairs, 0.1, tok, cfg, heldout_ref=ref)
+    with pytest.raises(ValueError, match="heldout_ref"):
+        train_dpo(model, ref, pairs, 0.1, tok, cfg, heldout=pairs)
+    with pytest.raises(ValueError, match="lengths do not match"):
+        train_dpo(model, ref, pairs, 0.1, tok, cfg, heldout=pairs, heldout_ref=(torch.zeros(3), torch.zeros(3)))
+    with pytest.raises(TypeError, match="heldout_ref"):
+        train_dpo(model, ref, pairs, 0.1, tok, cfg, heldout=pairs, heldout_ref="ref")
+
+
+# ---------------------------------------------------------------- flips by reference margin
+
+def _scores():
+    return PairScores(ref_c=torch.tensor([-5.0, -5.0, -5.0, -5.0, -1.0, -9.0]),
+                      ref_r=torch.tensor([-4.5, -4.0, -1.0, -2.0, -3.0, -1.0]),
+                      pol_c=torch.tensor([-4.0, -5.0, -5.0, -1.0, -1.0, -9.0]),
+                      pol_r=torch.tensor([-4.5, -4.0, -1.0, -2.0, -3.0, -1.0]))
+
+
+def test_rate_ci_is_wilson():
+    ci = rate_ci([1] * 5 + [0] * 15)
+    assert ci.estimate == 0.25
+    assert ci.low == pytest.approx(0.1119, abs=1e-4) and ci.high == pytest.approx(0.4687, abs=1e-4)
+    none, every = rate_ci([False] * 10), rate_ci([True] * 10)
+    assert none.low == 0.0 and 0.2 < none.high < 0.35 and every.high == pytest.approx(1.0) and every.low < 1
+    assert rate_ci([True] * 5 + [False] * 15, confidence=0.5).high < ci.high  # narrower at lower confidence
+
+
+def test_flips_by_margin_counts_and_bins():
+    s = _scores()
+    assert s.initially_wrong.tolist() == [True, True, True, True, False, True]
+    assert s.flipped.tolist() == [True, False, False, True, False, False]
+    t = flips_by_margin(s, edges=[0, 2, 5, math.inf])
+    assert t.c.tolist() == ["(0, 2]", "(2, 5]", "(5, inf]", "all"]
+    assert t.n.tolist() == [2, 2, 1, 5] and t.flipped.tolist() == [1, 1, 0, 2]
+    assert t.share.tolist() == [0.5, 0.5, 0.0, 0.4] and ((t.low <= t.share) & (t.share <= t.high)).all()
+    d = flips_by_margin(s, n_bins=2)  # equal-count bins over the mis-ranked pairs' c
+    assert d.n.iloc[:-1].sum() == 5 and d.iloc[-1].tolist()[1:3] == [5, 2]
+    assert flips_by_margin(s, edges=[10, 20]).c.tolist() == ["all"]  # empty bins are left out
+
+
+def test_flips_by_margin_bad_input():
+    s = _scores()
+    with pytest.raises(ValueError, match="strictly increasing"):
+        flips_by_margin(s, edges=[2, 0])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        flips_by_margin(s, edges=[1])
+    with pytest.raises(ValueError, match="nothing to flip"):
+        flips_by_margin(PairScores(*[torch.zeros(2)] * 4))
+    with pytest.raises(TypeError, match="scores"):
+        flips_by_margin((s.ref_c, s.ref_r, s.pol_c, s.pol_r))
+    with pytest.raises(ValueError, match="n_bins"):
+        flips_by_margin(s, n_bins=0)
+    with pytest.raises(ValueError, match="hits"):
+        rate_ci([])
+    with pytest.raises(ValueError, match="hits"):
+        rate_ci([0, 2])
+    with pytest.raises(ValueError, match="confidence"):
+        rate_ci([1, 0], confidence=1.0)
+
+
+# ---------------------------------------------------------------- the on-policy preference set
+
+def test_sorting_task_and_reward():
+    prompts, answers = sorting_task(20, 12, 36, seed=0)
+    assert prompts == sorting_task(20, 12, 36, seed=0)[0] and prompts != sorting_task(20, 12, 36, seed=1)[0]
+    for p, a in zip(prompts, answers):
+        digits = p.removeprefix("sort: ").removesuffix(" =").split()
+        assert 12 <= len(digits) <= 36 and a.split() == sorted(digits) and sorting_reward(a, a) == 1.0
+    assert sorting_reward(" 1 2", " 1 2 3") == pytest.approx(0.8) and sorting_reward("", " 1") == 0.0
+    with pytest.raises(ValueError, match="max_len"):
+        sorting_task(2, 5, 4)
+    with pytest.raises(ValueError, match="n"):
+        sorting_task(0)
+    with pytest.raises(TypeError, match="completion"):
+        sorting_reward(3, " 1")
+
+
+def test_rate_pairs_majority_and_alpha():
+    n = 400
+    g = torch.Generator().manual_seed(0)
+    r1, r2 = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    first, second = [f"a{i}" for i in range(n)], [f"b{i}" for i in range(n)]
+    p = rate_pairs(["x"] * n, first, second, r1, r2, n_raters=5, sharpness=10.0, seed=0)
+    assert ((p.alpha > 0.5) & (p.alpha <= 1)).all() and set((5 * p.alpha).round().tolist()) <= {3.0, 4.0, 5.0}
+    better_won = torch.tensor([c.startswith("a") for c in p.chosen]) == (r1 > r2)
+    assert better_won.double().mean() > 0.8  # Bradley-Terry raters mostly side with the higher reward
+    assert p.chosen == rate_pairs(["x"] * n, first, second, r1, r2, seed=0).chosen  # seeded
+    with pytest.raises(ValueError, match="n_raters"):
+        rate_pairs(["x"], ["a"], ["b"], [1.0], [0.0], n_raters=2)
+    with pytest.raises(ValueError, match="sharpness"):
+        rate_pairs(["x"], ["a"], ["b"], [1.0], [0.0], sharpness=0.0)
+    with pytest.raises(ValueError, match="lengths do not match"):
+        rate_pairs(["x", "y"], ["a"], ["b"], [1.0], [0.0])
+
+
+def test_sft_then_sampling_stops_and_flags_truncation():
+    from mdxlib.models import tiny_lm
+
+    model, tok = tiny_lm("llama")
+    prompts, answers = sorting_task(64, 2, 4, seed=0)
+    hist = train_sft(model, tok, prompts, answers, TrainConfig(steps=30, lr=1e-2, seed=0), batch_size=32)
+    assert hist.loss[-1] < hist.loss[0] / 2
+    s = sample_completions(model, tok, prompts[:8], max_new_tokens=12, batch_size=4, seed=0)
+    assert s.text == sample_completions(model, tok, prompts[:8], max_new_tokens=12, batch_size=4, seed=0).text
+    assert s.truncated.tolist() == [not t.endswith(tok.eos_token) for t in s.text]
+    assert ((s.n_tokens >= 1) & (s.n_tokens <= 12)).all() and (~s.truncated).any()
+    short = sample_completions(model, tok, prompts[:4], max_new_tokens=1, seed=0)
+    assert short.truncated.all() or all(t == tok.eos_token for t, c in zip(short.text, short.truncated) if not c)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample_completions(model, tok, prompts[:2], max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompts"):
+        sample_completions(model, tok, [])

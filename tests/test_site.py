@@ -66,3 +66,47 @@ def test_build_writes_only_its_output(tmp_path):
     out = build_site(out=tmp_path / "deep" / "site", results=tmp_path / "results")
     assert (out / "index.html").exists() and (out / "10_md4.html").exists()
     assert sorted(p.name for p in ROOT.iterdir()) == before, "the build wrote into the checkout"
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _rendered_dom(page: Path) -> str:
+    "The page's DOM after scripts ran, in headless Chromium with every network address unreachable."
+    import subprocess
+
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=3000", "--dump-dom", page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def _visible_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style|pre|code)[^>]*>.*?</\1>", " ", dom, flags=re.S)
+    return unescape(re.sub(r"<[^>]+>", " ", dom))
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs headless Chromium (Debian package chromium)")
+def test_pages_in_a_browser_offline(site):
+    "What a reader sees with no network: maths rendered, no parameters cells, working sidebar, every paper listed."
+    from mdxlib.reproduce import PAPERS
+
+    for name in ("index.html", "10_md4.html", "results.html"):
+        dom = _rendered_dom(site / name)
+        text = _visible_text(dom)
+        assert "\\(" not in text and "\\[" not in text, f"{name}: raw LaTeX visible"
+        assert "injected-parameters" not in dom and 'scale: str = "cpu"' not in text, f"{name}: parameters cell shown"
+        if name == "10_md4.html":
+            assert dom.count("<math") > 20, "maths not rendered as MathML"
+        if name == "results.html":
+            for _, title, *_ in PAPERS:
+                assert unescape(title) in text, f"results page lacks {title!r}"
+    home = (site / "index.html").read_text()
+    nav = re.search(r'<nav[^>]*sidebar.*?</nav>', home, flags=re.S) or re.search(r'id="quarto-sidebar".*?</nav>', home,
+                                                                                 flags=re.S)
+    links = re.findall(r'href="([^"#:]+\.html)"', nav.group(0) if nav else home)
+    assert links, "no sidebar links found"
+    missing = [href for href in links if not (site / href).exists()]
+    assert not missing, f"sidebar links that do not resolve: {missing}"

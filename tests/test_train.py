@@ -2,14 +2,14 @@
 import math
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from mdxlib.train import History, TrainConfig, latest_checkpoint, load_weights, make_scheduler, param_groups, train
+from mdxlib.train import (History, TrainConfig, evaluate_lm, latest_checkpoint, load_weights, make_scheduler,
+                          param_groups, train)
 
 W_TRUE = torch.randn(6, 1, generator=torch.Generator().manual_seed(0))
 
@@ -59,7 +59,8 @@ def fit(*args, **kwargs):
     (dict(steps=10, seed=-1), "seed"), (dict(steps=10, betas=(0.9, 1.0)), "betas"),
     (dict(steps=10, lr_schedule="step"), "lr_schedule"), (dict(steps=10, min_lr_ratio=2.0), "min_lr_ratio"),
     (dict(steps=10, lr_schedule="constant", min_lr_ratio=0.1), "min_lr_ratio"),
-    (dict(steps=10, keep_checkpoints=0), "keep_checkpoints"), (dict(steps=10, mixed_precision="fp8x"), "mixed_precision"),
+    (dict(steps=10, keep_checkpoints=0), "keep_checkpoints"),
+    (dict(steps=10, mixed_precision="fp8x"), "mixed_precision"),
 ])
 def test_bad_config_names_the_field(kwargs, needle):
     with pytest.raises((ValueError, TypeError), match=needle):
@@ -159,6 +160,75 @@ def test_resume_refuses_a_different_run(tmp_path):
         fit(mlp(), mse, batches, TrainConfig(steps=4), resume=1)
 
 
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    "A damaged newest checkpoint is named in a warning and skipped; the run still ends bit for bit."
+    config = TrainConfig(steps=12, lr=1e-2, ema_decay=0.9, checkpoint_dir=tmp_path, checkpoint_every=4,
+                         keep_checkpoints=None)
+    full = mlp(0)
+    fit(full, mse, batches, config)
+    state = tmp_path / "step_00000012" / "state.pt"
+    state.write_bytes(state.read_bytes()[:500])  # truncated
+    (tmp_path / "step_00000008" / "rng_0.pt").write_bytes(b"not a pickle")  # overwritten
+    resumed = mlp(1)
+    with pytest.warns(UserWarning) as caught:
+        hist = fit(resumed, mse, batches, config, resume=True)
+    messages = [str(w.message) for w in caught]
+    assert any("step_00000012" in m and "damaged" in m for m in messages)
+    assert any("step_00000008" in m and "damaged" in m for m in messages)
+    assert torch.equal(flat(full), flat(resumed)) and hist.step == list(range(1, 13))  # resumed from step 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
+    (tmp_path / "step_00000004" / "state.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="step_00000004.*damaged"):
+        fit(mlp(), mse, batches, config, resume=tmp_path / "step_00000004")
+    with pytest.raises(ValueError, match="step_00000004.*damaged"):
+        load_weights(mlp(), tmp_path / "step_00000004")
+
+
+def test_checkpoint_files_are_synced_and_shareable(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    fit(mlp(), mse, batches, TrainConfig(steps=2, checkpoint_dir=tmp_path))
+    assert len(synced) >= 2  # state.pt and rng_0.pt at least, before the rename
+    ckpt = tmp_path / "step_00000002"
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+    assert ckpt.stat().st_mode & 0o055 == 0o055  # readable by group and others, not mkdtemp's 0o700
+
+
+def test_evaluate_lm_counts_only_targets():
+    "One-token rows add nothing (no NaN), -100 labels and padding are not targets, and empty input is an error."
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+    x = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(0))
+    whole = evaluate_lm(lm, [x])
+    assert whole["tokens"] == 3 * 7 and math.isclose(whole["loss"], lm(input_ids=x, labels=x).loss.item(), rel_tol=1e-5)
+    assert math.isclose(whole["ppl"], math.exp(whole["loss"]))
+    ones = evaluate_lm(lm, [x, x[:, :1]])
+    assert ones == whole and all(math.isfinite(v) for v in ones.values())
+    labels = x.clone()
+    labels[:, :5] = -100  # scored: positions 5, 6, 7 of each row
+    part = evaluate_lm(lm, [{"input_ids": x, "labels": labels}])
+    logits = lm(input_ids=x).logits[:, 4:-1]  # predictions of positions 5..7
+    expected = nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 5:].flatten()).item()
+    assert part["tokens"] == 3 * 3 and math.isclose(part["loss"], expected, rel_tol=1e-5)
+    mask = torch.ones_like(x)
+    mask[0, 6:] = 0  # right padding: not scored
+    assert evaluate_lm(lm, [{"input_ids": x, "attention_mask": mask}])["tokens"] == 3 * 7 - 2
+    with pytest.raises(ValueError, match="no target token"):
+        evaluate_lm(lm, [x[:, :1]])
+    with pytest.raises(ValueError, match="no target token"):
+        evaluate_lm(lm, [{"input_ids": x, "labels": torch.full_like(x, -100)}])
+    with pytest.raises(TypeError, match="input_ids"):
+        evaluate_lm(lm, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        evaluate_lm(lm, [{"input_ids": x, "labels": x[:, :4]}])
+
+
 def test_checkpoints_are_pruned_and_load_back(tmp_path):
     config = TrainConfig(steps=12, lr=1e-2, ema_decay=0.5, checkpoint_dir=tmp_path, checkpoint_every=3,
                          keep_checkpoints=2)
@@ -184,7 +254,8 @@ def test_grad_accumulation_equals_a_larger_batch():
     h_big = fit(a, mse, big, TrainConfig(steps=steps, lr=1e-2, grad_clip=0.5))
     h_small = fit(b, mse, small, TrainConfig(steps=steps, lr=1e-2, grad_clip=0.5, grad_accum=k))
     assert torch.allclose(flat(a), flat(b), atol=1e-6) and not torch.equal(flat(a), flat(mlp(dropout=0.0)))
-    assert np.allclose(h_big.loss, h_small.loss, atol=1e-6) and np.allclose(h_big.grad_norm, h_small.grad_norm, atol=1e-5)
+    assert np.allclose(h_big.loss, h_small.loss, atol=1e-6)
+    assert np.allclose(h_big.grad_norm, h_small.grad_norm, atol=1e-5)
 
 
 def test_ema_follows_its_formula_and_tracks_the_weights():
@@ -303,7 +374,8 @@ def test_trains_real_architectures(family, tmp_path):
     def make(seed):
         torch.manual_seed(seed)
         if family == "llama":
-            return LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            return LlamaForCausalLM(LlamaConfig(vocab_size=11, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1,
                                                 num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
         return GPT2LMHeadModel(GPT2Config(vocab_size=11, n_embd=32, n_layer=1, n_head=2, n_positions=32))
 
