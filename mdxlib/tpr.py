@@ -520,10 +520,10 @@ def tune_calibration(
     labels: torch.Tensor,  # (N,) their classes
     seen,  # Seen class ids
     validation_classes,  # Classes held out of training and of the test, standing in for the unseen
-    grid=None,  # Candidate offsets; default 0, 0.005, ..., 0.3
+    grid=None,  # Candidate offsets; default 0, 0.005, ..., 1
 ) -> float:  # The offset with the best validation H (the smallest among ties)
     "Choose gamma on validation classes, never on the test set."
-    grid = np.round(np.arange(0, 0.3001, 0.005), 4) if grid is None else np.asarray(grid, dtype=float)
+    grid = np.round(np.arange(0, 1.0001, 0.005), 4) if grid is None else np.asarray(grid, dtype=float)
     if grid.ndim != 1 or len(grid) == 0 or not np.isfinite(grid).all():
         raise ValueError("grid must be a non-empty 1-d sequence of finite offsets")
     scores = _model_scores(model, images)
