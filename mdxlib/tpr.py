@@ -24,7 +24,8 @@ from .train import History, TrainConfig, train
 __all__ = ['TEXTURE_RGB', 'PATTERNS', 'ATTRIBUTE_WORDS', 'DualEncoder', 'CLIPDualEncoder', 'AlignedDualEncoder',
            'pretrain_alignment', 'AttributeWorld', 'easy_vqa_world', 'texture_world', 'AttributeReservoir', 'Attention',
            'TPR', 'ZeroShot', 'contrastive_loss', 'topology_loss', 'tpr_loss', 'train_tpr', 'GZSLScores',
-           'harmonic_mean', 'gzsl_from_scores', 'gzsl_evaluate', 'tune_calibration']
+           'harmonic_mean', 'gzsl_from_scores', 'gzsl_evaluate', 'tune_calibration', 'SeenUnseenCurve',
+           'seen_unseen_curve']
 
 # %% ../nbs/15_tpr.ipynb
 class DualEncoder:
@@ -519,12 +520,57 @@ def tune_calibration(
     labels: torch.Tensor,  # (N,) their classes
     seen,  # Seen class ids
     validation_classes,  # Classes held out of training and of the test, standing in for the unseen
-    grid=None,  # Candidate offsets; default 0, 0.005, ..., 0.3
+    grid=None,  # Candidate offsets; default 0, 0.005, ..., 1
 ) -> float:  # The offset with the best validation H (the smallest among ties)
     "Choose gamma on validation classes, never on the test set."
-    grid = np.round(np.arange(0, 0.3001, 0.005), 4) if grid is None else np.asarray(grid, dtype=float)
+    grid = np.round(np.arange(0, 1.0001, 0.005), 4) if grid is None else np.asarray(grid, dtype=float)
     if grid.ndim != 1 or len(grid) == 0 or not np.isfinite(grid).all():
         raise ValueError("grid must be a non-empty 1-d sequence of finite offsets")
     scores = _model_scores(model, images)
     hs = [gzsl_from_scores(scores, labels, seen, validation_classes, float(g)).H for g in grid]
     return float(grid[int(np.argmax(hs))])
+
+# %% ../nbs/15_tpr.ipynb
+class SeenUnseenCurve(NamedTuple):
+    "S and U (fractions) at every calibration offset that changes a prediction, and calibration-free summaries."
+    gamma: np.ndarray  # (T,) offsets, decreasing: S rises from 0 to its all-seen value, U falls to 0
+    S: np.ndarray  # (T,) mean per-class seen accuracy at each offset
+    U: np.ndarray  # (T,) mean per-class unseen accuracy at each offset
+    auc: float  # AUSUC: area under U as a function of S
+    best_H: float  # the largest H over all offsets (the test-oracle operating point: an upper bound)
+
+
+def seen_unseen_curve(
+    scores: torch.Tensor,  # (N, C) image-class scores
+    labels: torch.Tensor,  # (N,) classes, each in seen ∪ unseen
+    seen,  # Seen class ids
+    unseen,  # Unseen class ids (disjoint from seen)
+) -> SeenUnseenCurve:
+    "Sweep the calibration offset over every value where a prediction flips (Chao et al., 2016): AUSUC and best H."
+    s = check_tensor(scores, "scores", ndim=2, kind="float", nonempty=True)
+    y = check_tensor(labels, "labels", ndim=1, kind="int")
+    if len(y) != len(s):
+        raise ValueError(f"labels must have one entry per image: {len(y)} labels, {len(s)} images")
+    seen, unseen = _check_split(seen, unseen, s.shape[1])
+    if not torch.isin(y, torch.cat([seen, unseen])).all():
+        raise ValueError("labels must all lie in seen ∪ unseen")
+    present = lambda c: c[torch.isin(c, y)]
+    seen_p, unseen_p = present(seen), present(unseen)
+    if not len(seen_p) or not len(unseen_p):
+        raise ValueError("labels must include at least one seen and one unseen class")
+    ms, bs = s[:, seen].max(1)  # best seen class of each image
+    mu, bu = s[:, unseen].max(1)  # best unseen class
+    right_if_seen, right_if_unseen = (seen[bs] == y).numpy(), (unseen[bu] == y).numpy()
+    d = (ms - mu).double().numpy()  # the image is predicted seen while gamma <= d (ties go to seen, as in Eq. 4)
+    gammas = np.concatenate([[d.max() + 1.0], np.unique(d)[::-1]])  # all unseen first, all seen last
+    right = np.where(d[None] >= gammas[:, None], right_if_seen[None], right_if_unseen[None])  # (T, N)
+    yn = y.numpy()
+
+    def mean_class_accuracy(classes):
+        cols = [right[:, yn == c].mean(1) for c in classes.tolist()]
+        return np.mean(cols, axis=0)
+
+    S, U = mean_class_accuracy(seen_p), mean_class_accuracy(unseen_p)
+    auc = float(np.sum(np.diff(S) * (U[1:] + U[:-1]) / 2))  # trapezoids, S non-decreasing along the sweep
+    H = np.where(S + U > 0, 2 * S * U / np.maximum(S + U, 1e-12), 0.0)
+    return SeenUnseenCurve(gammas, S, U, auc, float(H.max()))

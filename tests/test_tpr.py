@@ -1,6 +1,7 @@
 "mdxlib.tpr from the outside: losses, reservoir, TPR head, GZSL evaluation and calibration, training, data worlds."
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from mdxlib.models import ModelNotAvailableError
 from mdxlib.tpr import (TPR, AlignedDualEncoder, AttributeReservoir, AttributeWorld, CLIPDualEncoder, GZSLScores,
                         ZeroShot, contrastive_loss, easy_vqa_world, gzsl_evaluate, gzsl_from_scores, harmonic_mean,
-                        pretrain_alignment, texture_world, topology_loss, tpr_loss, train_tpr, tune_calibration)
+                        pretrain_alignment, seen_unseen_curve, texture_world, topology_loss, tpr_loss, train_tpr,
+                        tune_calibration)
 from mdxlib.train import TrainConfig
 
 
@@ -156,6 +158,36 @@ def test_calibration_shifts_the_seen_classes_wherever_they_are():
     assert gzsl_from_scores(scores, labels, seen=[2, 3], unseen=[0, 1]).U == 0.5
     r = gzsl_from_scores(scores, labels, seen=[2, 3], unseen=[0, 1], calibration=0.2)
     assert (r.S, r.U) == (1.0, 1.0)
+
+
+def test_seen_unseen_curve_known_values():
+    c = seen_unseen_curve(S_TOY, Y_TOY, [0, 1], [2, 3])
+    assert c.S.tolist() == [0.0, 1.0, 1.0, 1.0] and c.U.tolist() == [1.0, 1.0, 0.5, 0.0]
+    assert c.auc == 1.0 and c.best_H == 1.0
+    assert list(c.gamma) == sorted(c.gamma, reverse=True)
+
+
+def test_seen_unseen_curve_agrees_with_every_offset_and_bounds_tuned_h():
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.rand(300, 10, generator=g), torch.randint(0, 10, (300,), generator=g)
+    seen, unseen = list(range(6)), list(range(6, 10))
+    c = seen_unseen_curve(scores, labels, seen, unseen)
+    assert np.all(np.diff(c.S) >= 0) and np.all(np.diff(c.U) <= 0)  # S rises, U falls as gamma decreases
+    assert 0 <= c.auc <= 1
+    for gamma in np.linspace(-0.6, 0.6, 25):
+        r = gzsl_from_scores(scores, labels, seen, unseen, float(gamma))
+        i = int(np.searchsorted(-c.gamma, -gamma, "right")) - 1
+        assert c.S[i] == pytest.approx(r.S, abs=1e-6) and c.U[i] == pytest.approx(r.U, abs=1e-6)
+        assert r.H <= c.best_H + 1e-6
+
+
+def test_seen_unseen_curve_bad_input():
+    with pytest.raises(ValueError, match="overlap"):
+        seen_unseen_curve(S_TOY, Y_TOY, [0, 1], [1, 2, 3])
+    with pytest.raises(ValueError, match="labels"):
+        seen_unseen_curve(S_TOY, Y_TOY[:3], [0, 1], [2, 3])
+    with pytest.raises(ValueError, match="seen and one unseen"):
+        seen_unseen_curve(S_TOY[:2], Y_TOY[:2], [0, 1], [2, 3])
 
 
 @pytest.mark.parametrize("kwargs, err", [
