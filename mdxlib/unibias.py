@@ -562,7 +562,8 @@ class UniBias(ICL):
         model: nn.Module,  # A causal LM `adapter` knows
         tokenizer,  # Its tokenizer
         labels: Sequence[str],  # The C label words
-        layers=None,  # Layers searched; default the upper half (as the official code does for heads)
+        layers=None,  # Layers searched for FFN vectors; default the upper half
+        head_layers=None,  # Layers searched for heads; default `layers` (the official code: the upper half)
         grid: UniBiasGrid | None = None,  # Thresholds and constraints; default the official grid
         label_ids: list[list[int]] | None = None,  # Default `label_token_ids(tokenizer, labels)`
         ffn_scores: torch.Tensor | None = None,  # (n_layers, d_ff, C) from `ffn_label_scores`, to reuse across fits
@@ -572,6 +573,8 @@ class UniBias(ICL):
         a = adapter(model)
         upper = list(range(a.n_layers // 2, a.n_layers))
         self.layers = _layer_list(layers, a.n_layers) if layers is not None else upper
+        self.head_layers = (_layer_list(head_layers, a.n_layers, "head_layers") if head_layers is not None
+                            else self.layers)
         self.grid = UniBiasGrid() if grid is None else grid
         if not isinstance(self.grid, UniBiasGrid):
             raise TypeError(f"grid must be a UniBiasGrid; got {type(grid).__name__}")
@@ -648,8 +651,8 @@ class UniBias(ICL):
         a, g, n = adapter(self.model), self.grid, len(ids)
         if self.ffn_scores is None:
             self.ffn_scores = ffn_label_scores(self.model, self.label_ids, self.layers)
-        base = answer_states(self.model, None, ids, self.label_ids, ffn_layers=self.layers, head_layers=self.layers,
-                             batch_size=self.batch_size)
+        base = answer_states(self.model, None, ids, self.label_ids, ffn_layers=self.layers,
+                             head_layers=self.head_layers, batch_size=self.batch_size)
         self.ffn_stats_ = ffn_criteria(self.ffn_scores, self._stack(base.ffn, (n, a.n_layers, a.d_ff)))
         cands = {}
         for t in itertools.product(g.ffn_relatedness, g.ffn_bias, g.ffn_cv, g.ffn_activation):
@@ -659,7 +662,7 @@ class UniBias(ICL):
         self.ffn_mask_, hist = self._search(ids, cands, g.ffn_mass * mass0, "ffn", (b0, mass0))
         with self.masking(ffn=self.ffn_mask_, heads={}):
             st = base if not self.ffn_mask_ else answer_states(  # the heads are read with the FFN mask in place
-                self.model, None, ids, self.label_ids, head_layers=self.layers, batch_size=self.batch_size)
+                self.model, None, ids, self.label_ids, head_layers=self.head_layers, batch_size=self.batch_size)
             self.head_stats_ = head_criteria(*self._heads(st, n))
             cands = {}
             for t in itertools.product(g.head_relatedness, g.head_bias, g.head_cv):

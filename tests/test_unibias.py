@@ -165,6 +165,19 @@ def test_planted_neuron_is_flagged_masked_and_the_bias_goes(arch):
     assert [r["stage"] for r in chosen] == ["ffn", "head"]
 
 
+def test_head_layers_search_heads_apart_from_ffn_layers():
+    model, tok = tiny_lm("llama", mlp_bias=True)
+    ids = label_token_ids(tok, LABELS)
+    plant_biased_neuron(model, ids, layer=0, neuron=7)
+    ub = UniBias(model, tok, LABELS, layers=[0, 1], head_layers=[1], grid=UniBiasGrid(ffn_mass=0.01)).fit(prompts())
+    assert ub.layers == [0, 1] and ub.head_layers == [1]
+    assert 7 in ub.ffn_mask_[0]  # the planted neuron sits in a layer only the FFN search covers
+    assert set(ub.head_mask_) <= {1} and torch.isnan(ub.head_stats_["bias"][0]).all()
+    assert UniBias(model, tok, LABELS, layers=[0]).head_layers == [0]  # default: the FFN layers
+    with pytest.raises(ValueError, match="head_layers"):
+        UniBias(model, tok, LABELS, head_layers=[5])
+
+
 def test_plant_needs_ffn_biases():
     model, tok = tiny_lm("qwen2")
     with pytest.raises(ValueError, match="model: its FFN input projections have no bias"):
