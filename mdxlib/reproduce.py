@@ -84,11 +84,12 @@ class NotebookRun:
 def source_hash(
     path: str | Path,  # A notebook
 ) -> str:  # Hex digest
-    "A hash of the notebook's cells (type and source), blind to outputs and metadata: what its results depend on."
+    "A hash of the notebook's code cells, blind to prose, outputs and metadata: what its results depend on."
     h = hashlib.blake2b(digest_size=16)
     for cell in read_json(path).get("cells", []):
-        source = cell.get("source", "")
-        h.update(f"{cell.get('cell_type', '')}\0{''.join(source) if isinstance(source, list) else source}\1".encode())
+        if cell.get("cell_type") == "code":
+            source = cell.get("source", "")
+            h.update(f"{''.join(source) if isinstance(source, list) else source}\1".encode())
     return h.hexdigest()
 
 
