@@ -466,6 +466,18 @@ def harmonic_mean(S: float, U: float) -> float:
     return 0.0 if S + U == 0 else 2 * S * U / (S + U)
 
 
+def _check_gzsl_inputs(scores, labels, seen, unseen):
+    "Scores (N, C), labels (N,) all in seen ∪ unseen, and the split as tensors, or a clear error."
+    s = check_tensor(scores, "scores", ndim=2, kind="float", nonempty=True)
+    y = check_tensor(labels, "labels", ndim=1, kind="int")
+    if len(y) != len(s):
+        raise ValueError(f"labels must have one entry per image: {len(y)} labels, {len(s)} images")
+    seen, unseen = _check_split(seen, unseen, s.shape[1])
+    if not torch.isin(y, torch.cat([seen, unseen])).all():
+        raise ValueError("labels must all lie in seen ∪ unseen")
+    return s, y, seen, unseen
+
+
 def gzsl_from_scores(
     scores: torch.Tensor,  # (N, C) image-class scores, e.g. `model.scores(images)`
     labels: torch.Tensor,  # (N,) classes, each in seen ∪ unseen
@@ -474,15 +486,9 @@ def gzsl_from_scores(
     calibration: float | None = None,  # gamma subtracted from seen classes' scores; None: no calibration
 ) -> GZSLScores:
     "S, U and H of predictions over seen ∪ unseen from precomputed scores (Eq. 4)."
-    s = check_tensor(scores, "scores", ndim=2, kind="float", nonempty=True)
-    y = check_tensor(labels, "labels", ndim=1, kind="int")
-    if len(y) != len(s):
-        raise ValueError(f"labels must have one entry per image: {len(y)} labels, {len(s)} images")
+    s, y, seen, unseen = _check_gzsl_inputs(scores, labels, seen, unseen)
     gamma = 0.0 if calibration is None else check_float(calibration, "calibration")
-    seen, unseen = _check_split(seen, unseen, s.shape[1])
     candidates = torch.cat([seen, unseen])  # (K,)
-    if not torch.isin(y, candidates).all():
-        raise ValueError("labels must all lie in seen ∪ unseen")
     is_seen = torch.zeros(len(candidates), dtype=torch.bool)  # a boolean mask, not 0/1 column indices
     is_seen[: len(seen)] = True
     pred = candidates[(s[:, candidates] - gamma * is_seen).argmax(1)]  # Eq. 4
@@ -547,13 +553,7 @@ def seen_unseen_curve(
     unseen,  # Unseen class ids (disjoint from seen)
 ) -> SeenUnseenCurve:
     "Sweep the calibration offset over every value where a prediction flips (Chao et al., 2016): AUSUC and best H."
-    s = check_tensor(scores, "scores", ndim=2, kind="float", nonempty=True)
-    y = check_tensor(labels, "labels", ndim=1, kind="int")
-    if len(y) != len(s):
-        raise ValueError(f"labels must have one entry per image: {len(y)} labels, {len(s)} images")
-    seen, unseen = _check_split(seen, unseen, s.shape[1])
-    if not torch.isin(y, torch.cat([seen, unseen])).all():
-        raise ValueError("labels must all lie in seen ∪ unseen")
+    s, y, seen, unseen = _check_gzsl_inputs(scores, labels, seen, unseen)
     present = lambda c: c[torch.isin(c, y)]
     seen_p, unseen_p = present(seen), present(unseen)
     if not len(seen_p) or not len(unseen_p):
