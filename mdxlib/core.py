@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from .checks import check_choice, check_int, check_positive
 # %% auto 0
 __all__ = ['SCALES', 'VERDICTS', 'check_scale', 'by_scale', 'seed_everything', 'get_device', 'set_threads', 'evaluating',
            'project_root', 'data_dir', 'results_dir', 'atomic_write', 'write_json', 'read_json', 'file_digest',
-           'results_path', 'Results', 'load_results', 'set_style', 'progress']
+           'cache_dir', 'cache_key', 'cached', 'results_path', 'Results', 'load_results', 'set_style', 'progress']
 
 # %% ../nbs/00_core.ipynb
 SCALES = ("smoke", "cpu", "full")
@@ -189,6 +190,40 @@ def file_digest(
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb
+def cache_dir() -> Path:
+    "Where mdxlib keeps what is slow to compute: `$MDXLIB_CACHE`, else `~/.cache/mdxlib`."
+    return Path(os.environ.get("MDXLIB_CACHE") or Path.home() / ".cache" / "mdxlib")
+
+
+def cache_key(**key) -> str:
+    "The 16-hex-digit digest that names a `cached` entry: SHA-1 of the key as JSON with sorted keys."
+    try:
+        text = json.dumps(key, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"key must be plain JSON (numbers, strings, lists, dicts): {e}") from None
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def cached(
+    name: str,  # "<folder>/<stem>": the entry is `cache_dir()/<folder>/<stem>-<digest>.pt`
+    compute,  # Called with no argument when the entry is missing
+    **key,  # Everything the value depends on (plain JSON); its digest names the file
+):
+    "`compute()` once per name and key: stored with `torch.save` under `cache_dir()`, loaded on later calls."
+    if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
+        raise ValueError(f"name must be a relative path such as 'haloscope/answers'; got {name!r}")
+    if not callable(compute):
+        raise TypeError(f"compute must be callable; got {type(compute).__name__}")
+    path = cache_dir() / f"{name}-{cache_key(**key)}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)  # our own files: lists, dicts, arrays and tensors
+    value = compute()
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    atomic_write(path, buffer.getvalue(), fsync=True)
+    return value
 
 # %% ../nbs/00_core.ipynb
 def _check_notebook_name(notebook) -> str:

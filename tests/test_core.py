@@ -209,3 +209,51 @@ def test_evaluating_restores_the_mode_and_turns_off_gradients():
     with evaluating(net):
         pass
     assert not net.training
+
+
+def test_cached_computes_once_per_key(monkeypatch, tmp_path):
+    from mdxlib.core import cache_dir, cache_key, cached
+
+    monkeypatch.setenv("MDXLIB_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"t": torch.arange(4), "a": np.arange(3), "s": "x"}
+
+    first = cached("paper/part", compute, n=2, grid={"b": (1, 2)})
+    again = cached("paper/part", compute, grid={"b": [1, 2]}, n=2)  # same key: keyword order, tuple vs list
+    assert len(calls) == 1 and torch.equal(first["t"], again["t"]) and np.array_equal(first["a"], again["a"])
+    cached("paper/part", compute, n=3, grid={"b": (1, 2)})
+    assert len(calls) == 2
+    files = sorted(p.name for p in (tmp_path / "paper").iterdir())
+    assert files == sorted(f"part-{cache_key(n=n, grid={'b': [1, 2]})}.pt" for n in (2, 3))  # no temporary left
+
+
+def test_cached_rejects_bad_input(monkeypatch, tmp_path):
+    from mdxlib.core import cached
+
+    monkeypatch.setenv("MDXLIB_CACHE", str(tmp_path))
+    with pytest.raises(TypeError, match="plain JSON"):
+        cached("p/x", lambda: 1, tensor=torch.ones(2))  # its str could be shared by two different tensors
+    with pytest.raises(ValueError, match="name"):
+        cached("../outside", lambda: 1)
+    with pytest.raises(ValueError, match="name"):
+        cached("", lambda: 1)
+    with pytest.raises(TypeError, match="compute"):
+        cached("p/x", 1)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cached_keeps_no_half_entry(monkeypatch, tmp_path):
+    from mdxlib.core import cached
+
+    monkeypatch.setenv("MDXLIB_CACHE", str(tmp_path))
+
+    def fails():
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cached("p/x", fails, n=1)
+    assert cached("p/x", lambda: 5, n=1) == 5  # nothing was stored by the failed call
