@@ -299,6 +299,16 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
+def _libc():
+    "glibc through ctypes, or None (another C library, no ctypes)."
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except (OSError, ImportError):
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_peak_supported() -> bool:
     "Whether CPU peak memory can be measured here (a resettable RSS high-water mark); fixes glibc's mmap threshold."
@@ -308,11 +318,9 @@ def cpu_peak_supported() -> bool:
         _status_kb("VmHWM")
     except (OSError, KeyError):
         return False
-    try:  # a fixed threshold: large blocks are mmap-ed and returned on free, so the RSS sees every one of them
-        import ctypes
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-    except (OSError, AttributeError):  # not glibc: the measure may miss reused heap memory
-        pass
+    libc = _libc()
+    if libc is not None:  # a fixed threshold: large blocks are mmap-ed and returned on free, seen by the RSS each time
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
     return True
 
 
@@ -320,6 +328,9 @@ def _peak_mb_cpu(fn: Callable) -> float:
     "MB of resident memory one call of `fn` adds at its peak above the resident memory before it (NaN if unknown)."
     if not cpu_peak_supported():
         return math.nan
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)  # hand back free heap pages kept from earlier calls: reusing them would add no RSS
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     before = _status_kb("VmRSS")
@@ -353,6 +364,8 @@ def bench(
     device = get_device(device)
     cuda = device.type == "cuda"
     buffer = _flush_buffer(device) if flush else None
+    if cpu_memory and not cuda:
+        cpu_peak_supported()  # before the first call: fixes glibc's mmap threshold
     times: dict[str, list[float]] = {}
     peaks: dict[str, float] = {}
     for i in range(inputs):

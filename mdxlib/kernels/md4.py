@@ -127,7 +127,7 @@ def masked_ce_fwd(
     return loss, (grad if with_grad else None)
 
 
-_CHUNK_ELEMENTS = 2**22  # the torch path's working set: rows per chunk x V (16 MB in fp32)
+_CHUNK_ELEMENTS = 2**20  # the torch path's working set: rows per chunk x V (4 MB in fp32)
 
 
 def masked_ce_grad_torch(
@@ -136,7 +136,7 @@ def masked_ce_grad_torch(
     weight: torch.Tensor,  # (N,) float weights; 0 skips the row
     out: torch.Tensor,  # (N, V) where the gradient goes: `logits` itself, or a fresh buffer
 ) -> torch.Tensor:  # loss (N,) fp32 (fp64 for fp64 logits); `out` holds w (softmax - onehot), 0 on skipped rows
-    "What the kernel computes, in torch: masked rows in chunks of ~4M elements, each read before its rows are written."
+    "What the kernel computes, in torch: masked rows in chunks of ~1M elements, each read before its rows are written."
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
     N, V = logits.shape
     loss = torch.zeros(N, dtype=out_dtype, device=logits.device)
@@ -144,13 +144,15 @@ def masked_ce_grad_torch(
     step = max(1, _CHUNK_ELEMENTS // V)
     for start in range(0, len(rows), step):
         r = rows[start:start + step]
-        z = logits.index_select(0, r).to(out_dtype)  # (c, V): a copy, so writing `out` cannot disturb it
+        z = logits.index_select(0, r).to(out_dtype)  # (c, V): the one temporary; writing `out` cannot disturb it
         y, w = target.index_select(0, r).long(), weight.index_select(0, r).to(out_dtype)
-        lse = torch.logsumexp(z, 1)
-        loss.index_copy_(0, r, w * (lse - z.gather(1, y[:, None]).squeeze(1)))
-        g = z.sub_(lse[:, None]).exp_()  # softmax, in the copy's memory
-        g[torch.arange(len(r), device=g.device), y] -= 1
-        out.index_copy_(0, r, g.mul_(w[:, None]).to(out.dtype))
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        p = z.sub_(m).exp_()  # e^{z - max}, in the copy's memory
+        total = p.sum(1)
+        loss.index_copy_(0, r, w * (m.squeeze(1) + total.log() - z_y))
+        p.div_(total[:, None])[torch.arange(len(r), device=p.device), y] -= 1  # softmax - onehot
+        out.index_copy_(0, r, p.mul_(w[:, None]).to(out.dtype))
     out.masked_fill_((weight == 0)[:, None], 0)
     return loss
 
@@ -408,18 +410,26 @@ def masked_ce_cases(
     for V in vocab:
         for rate in rates:
             def setup(i, V=V, rate=rate):
-                z, y, w = masked_ce_batch(N, V, rate, i, device, dtype)
-                z.requires_grad_()
-                grad = torch.autograd.grad  # a fresh gradient per call: no accumulation into .grad
-                calls = {"torch full": lambda: grad(full_ce(z, y, w), z),
-                         "masked_ce": lambda: grad(masked_ce(z, y, w, check=False).sum(), z)}  # as in training
-                fn = compiled_once(("ce", V), full_ce, z, y, w)
+                z0, y, w = masked_ce_batch(N, V, rate, i, device, dtype)
+                z0.requires_grad_()
+
+                def call(loss_fn):  # fresh logits from an op (as a projection makes them), then their gradient
+                    def run():
+                        z = z0.clone()  # every path pays this copy; `inplace` may only overwrite such logits
+                        return torch.autograd.grad(loss_fn(z), z)  # a fresh gradient: no accumulation into .grad
+                    return run
+                calls = {"torch full": call(lambda z: full_ce(z, y, w)),
+                         "masked_ce": call(lambda z: masked_ce(z, y, w, check=False).sum()),  # as in training
+                         "masked_ce inplace": call(lambda z: masked_ce(z, y, w, check=False, inplace=True).sum())}
+                fn = compiled_once(("ce", V), full_ce, z0, y, w)
                 if fn is not None:
-                    calls["torch.compile full"] = lambda: grad(fn(z, y, w), z)
+                    calls["torch.compile full"] = call(lambda z: fn(z, y, w))
                 return calls
+            masked_bytes = (rate + 1) * N * V * size
             cases.append(Case(dict(op="masked CE", N=N, V=V, masked=rate, dtype=name), setup,
                               {"torch full": 2 * N * V * size, "torch.compile full": 2 * N * V * size,
-                               "masked_ce": (rate + 1) * N * V * size}, baseline="torch full"))
+                               "masked_ce": masked_bytes, "masked_ce inplace": masked_bytes}, baseline="torch full",
+                              cpu_memory=True))
             if hidden is None:
                 continue
 
@@ -429,6 +439,8 @@ def masked_ce_cases(
                 W = seeded_randn((V, hidden), 1000 + i, device, dtype, scale=hidden ** -0.5).requires_grad_()
                 grad = torch.autograd.grad
                 calls = {"linear, full": lambda: grad(linear_ce(h, W, y, w), (h, W)),
+                         "linear, masked_ce inplace": lambda: grad(masked_ce(h @ W.t(), y, w, check=False,
+                                                                             inplace=True).sum(), (h, W)),
                          "fused linear": lambda: grad(fused_linear_masked_ce(h, W, y, w, chunk_size=chunk_size),
                                                       (h, W))}
                 fn = compiled_once(("linear", V), linear_ce, h, W, y, w)
@@ -436,7 +448,7 @@ def masked_ce_cases(
                     calls["torch.compile linear, full"] = lambda: grad(fn(h, W, y, w), (h, W))
                 return calls
             cases.append(Case(dict(op="linear + CE", N=N, V=V, masked=rate, dtype=name), setup_linear,
-                              baseline="linear, full"))
+                              baseline="linear, full", cpu_memory=True))
     return cases
 
 
