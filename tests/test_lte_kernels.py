@@ -16,7 +16,7 @@ def make(B, d, E, n, seed=0, mask="random", gate=True, dtype=torch.float32):
                 act="silu" if gate else "gelu_tanh", b_up=None if gate else bu, b_down=None if gate else bd)
 
 
-STRATEGIES = (dict(dense_above=1.0, bag_below=0), dict(dense_above=1.0, bag_below=2**62), dict(dense_above=0.0))
+STRATEGIES = (dict(dense_above=1.0, gather_below=0), dict(dense_above=1.0, gather_below=2**62), dict(dense_above=0.0))
 
 
 def test_expert_runs():

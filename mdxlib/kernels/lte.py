@@ -16,7 +16,7 @@ from ..checks import check_choice, check_positive
 from . import TRITON_INTERPRET, KernelOp, tl, triton
 
 # %% auto 0
-__all__ = ['ACTS', 'DENSE_ABOVE', 'BAG_BELOW', 'PREFILL_ROWS', 'sparse_ffn', 'FFN_SHAPES', 'sparse_ffn_ref', 'expert_runs',
+__all__ = ['ACTS', 'DENSE_ABOVE', 'GATHER_BELOW', 'PREFILL_ROWS', 'sparse_ffn', 'FFN_SHAPES', 'sparse_ffn_ref', 'expert_runs',
            'sparse_ffn_torch', 'sparse_ffn_triton', 'ffn_inputs', 'check_sparse_ffn', 'sparse_ffn_cases']
 
 # %% ../../nbs/18a_lte_kernels.ipynb
@@ -91,13 +91,13 @@ def expert_runs(
 
 
 DENSE_ABOVE = 0.8  # `sparse_ffn_torch` runs the dense FFN when more than this share of the experts is active
-BAG_BELOW = 2**16  # ... and one embedding_bag for the down projection when a run averages fewer weight elements
+GATHER_BELOW = 2**16  # ... and gathers the active neurons when a run averages fewer weight elements than this
 
 
 def _dense_masked(x, w_gate, w_up, w_down, active, expert_size, f, b_up, b_down, mask_rows):
     "The dense FFN, inactive experts' neurons zeroed when `mask_rows` (what the dense fallback runs)."
     u = F.linear(x, w_up, b_up)
-    h = f(F.linear(x, w_gate)).mul_(u) if w_gate is not None else f(u)
+    h = f(F.linear(x, w_gate)) * u if w_gate is not None else f(u)
     if mask_rows:
         h = (h.unflatten(1, (-1, expert_size)) * active[:, :, None].to(h.dtype)).flatten(1)
     out = h @ w_down
@@ -126,9 +126,9 @@ def sparse_ffn_torch(
     b_up: torch.Tensor | None = None,  # (d_ff,) up/fc bias
     b_down: torch.Tensor | None = None,  # (d,) down bias
     dense_above: float = DENSE_ABOVE,  # Run the dense FFN (masked) when a larger share of experts is active
-    bag_below: int = BAG_BELOW,  # One embedding_bag for the down projection when runs average fewer elements
+    gather_below: int = GATHER_BELOW,  # Gather the active neurons when runs average fewer weight elements
 ) -> torch.Tensor:  # (B, d), equal to `sparse_ffn_ref`
-    "The sparse FFN over views of the contiguous runs of the union of active experts: two BLAS calls per run."
+    "The sparse FFN on CPU: gathered neurons for short runs of active experts, views of the runs for long ones."
     n = _check_ffn_args(x, w_gate, w_up, w_down, active, expert_size, act, b_up, b_down)
     f, E = ACTS[act], expert_size
     B, d = x.shape
@@ -136,49 +136,61 @@ def sparse_ffn_torch(
     per_row = B > 1 and not bool((active == union).all())  # rows disagree on some expert: mask per row
     runs = expert_runs(union)
     n_on = sum(e1 - e0 for e0, e1 in runs)
-    if n_on > dense_above * n:  # too little to skip: the three dense products are cheaper than the runs
+    if n_on > dense_above * n:  # too little to skip: the three dense products are cheaper
         return _dense_masked(x, w_gate, w_up, w_down, active, E, f, b_up, b_down, n_on < n or per_row)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (x, w_gate, w_up, w_down, b_up, b_down))
-    if grads:  # out= products do not record autograd: the gathered path does
+    if grads:  # the fast paths below use out= products and in-place ops: the gathered path records autograd
         return _gathered(x, w_gate, w_up, w_down, active, E, f, b_up, b_down, union, per_row)
     if not runs:  # no active expert
         out = x.new_zeros(B, d)
         return out if b_down is None else out + b_down
     k = n_on * E  # active neurons
-    vec = B == 1  # decoding: matrix-vector products on a (k,) buffer; else (k, B) buffers, one column per row
+    vec = B == 1  # decoding: matrix-vector products
+    if k * d < gather_below * len(runs):  # short runs: a few calls in all beat a few calls per run
+        idx = union.repeat_interleave(E).nonzero().squeeze(1)  # (k,) neuron ids
+        bu = None if b_up is None else b_up.index_select(0, idx)
+        if vec:  # (k,) activations from the gathered (k, d) blocks
+            u = torch.mv(w_up.index_select(0, idx), x[0])
+            u = u if bu is None else u.add_(bu)
+            g = torch.mv(w_gate.index_select(0, idx), x[0]) if w_gate is not None else None
+        else:  # (B, k)
+            u = F.linear(x, w_up.index_select(0, idx), bu)
+            g = F.linear(x, w_gate.index_select(0, idx)) if w_gate is not None else None
+        h = f(g).mul_(u) if g is not None else f(u)
+        if per_row:
+            h.mul_(active[:, union].repeat_interleave(E, dim=1).to(h.dtype))
+        # out[b] = sum_j h[b, j] w_down[idx[j]]: one call reads exactly the active rows of w_down, copies nothing
+        out = F.embedding_bag(idx.expand(B, k), w_down, per_sample_weights=h.view(B, k), mode="sum")
+        return out if b_down is None else out + b_down
+    # long runs: each run's weights are a contiguous view; BLAS streams them better than a gather copies them
     rhs = x[0] if vec else x.t()  # (d,) or (d, B), a view
     prod = torch.mv if vec else torch.mm
-    u = x.new_empty((k,) if vec else (k, B))
+    u = x.new_empty((k,) if vec else (k, B))  # one slice per run, written in place by out= products
     g = torch.empty_like(u) if w_gate is not None else None
     at = 0
-    for e0, e1 in runs:  # up (and gate): each run's weights are a contiguous view, its output a slice of the buffer
+    for e0, e1 in runs:
         rows, size = slice(e0 * E, e1 * E), (e1 - e0) * E
         prod(w_up[rows], rhs, out=u[at:at + size])
         if g is not None:
             prod(w_gate[rows], rhs, out=g[at:at + size])
         at += size
-    bag = k * d < bag_below * len(runs)  # short runs: per-run calls would cost more than the bytes they read
-    idx = union.repeat_interleave(E).nonzero().squeeze(1) if bag or b_up is not None else None  # (k,) neuron ids
     if b_up is not None:
-        u += b_up.index_select(0, idx) if vec else b_up.index_select(0, idx)[:, None]
+        bu = b_up.index_select(0, union.repeat_interleave(E).nonzero().squeeze(1))
+        u += bu if vec else bu[:, None]
     h = f(g).mul_(u) if g is not None else f(u)  # (k,) or (k, B)
     if per_row:
         h.mul_(active[:, union].repeat_interleave(E, dim=1).t().to(h.dtype))
-    if bag:  # out[b] = sum_j h[j, b] w_down[idx[j]]: one call reads exactly the active rows of w_down
-        out = F.embedding_bag(idx.expand(B, k), w_down, per_sample_weights=h[None] if vec else h.t().contiguous(),
-                              mode="sum")
-    else:  # long runs: BLAS streams each contiguous block faster than a row-by-row bag
-        out = x.new_zeros(d) if vec else x.new_zeros(B, d)
-        at = 0
-        for e0, e1 in runs:
-            rows, size = slice(e0 * E, e1 * E), (e1 - e0) * E
-            if vec:
-                out.addmv_(w_down[rows].t(), h[at:at + size])  # (d,) += (d, run) @ (run,)
-            else:
-                out.addmm_(h[at:at + size].t(), w_down[rows])  # (B, d) += (B, run) @ (run, d)
-            at += size
-        out = out.view(B, d)
+    out = x.new_zeros(d) if vec else x.new_zeros(B, d)
+    at = 0
+    for e0, e1 in runs:
+        rows, size = slice(e0 * E, e1 * E), (e1 - e0) * E
+        if vec:
+            out.addmv_(w_down[rows].t(), h[at:at + size])  # (d,) += (d, run) @ (run,)
+        else:
+            out.addmm_(h[at:at + size].t(), w_down[rows])  # (B, d) += (B, run) @ (run, d)
+        at += size
+    out = out.view(B, d)
     return out if b_down is None else out + b_down
 
 # %% ../../nbs/18a_lte_kernels.ipynb
@@ -437,7 +449,7 @@ def sparse_ffn_cases(
     batches: Sequence[int] = (1, 8),  # Rows per call (1: decoding one token)
     expert_size: int = 32,  # Neurons per expert
     dtype: torch.dtype | None = None,  # Default fp16 on a GPU, fp32 on CPU
-) -> list:  # `Case`s for `bench_cases`: dense, index_select, sparse_ffn (and torch.compile of dense on a GPU)
+) -> list:  # `Case`s for `bench_cases`: dense, index_select, sparse_ffn, one run (and torch.compile on a GPU)
     "Benchmark cases of `sparse_ffn` against the dense FFN: every row gets a new random mask per input."
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     size = torch.finfo(dtype).bits // 8
@@ -470,8 +482,11 @@ def sparse_ffn_cases(
                             h = h * active[:, active.any(0)].repeat_interleave(expert_size, dim=1).to(h.dtype)
                         return h @ wd.index_select(0, idx)
 
+                    k = int(active.any(0).sum()) * expert_size  # the union's neurons, as one contiguous block:
+                    one_run = lambda: F.linear(F.silu(F.linear(x, wg[:k])) * F.linear(x, wu[:k]), wd[:k].T)
                     calls = {"dense": lambda: dense(x, wg, wu, wd_lin), "index_select": gathered,
-                             "sparse_ffn": lambda: sparse_ffn(x, wg, wu, wd, active, expert_size)}
+                             "sparse_ffn": lambda: sparse_ffn(x, wg, wu, wd, active, expert_size),
+                             "one run (ceiling)": one_run}  # the same bytes with no run overhead
                     if compile_here(device):
                         key = (d, d_ff, B)
                         if key not in compiled:
@@ -482,7 +497,7 @@ def sparse_ffn_cases(
                 union = n * (1 - s ** B)  # expected experts active in some row (rows drawn independently)
                 active_bytes = 3 * round(union) * expert_size * d * size
                 n_bytes = {"dense": 3 * d_ff * d * size, "torch.compile dense": 3 * d_ff * d * size,
-                           "index_select": active_bytes, "sparse_ffn": active_bytes}
+                           "index_select": active_bytes, "sparse_ffn": active_bytes, "one run (ceiling)": active_bytes}
                 cases.append(Case(dict(shape=name, d=d, d_ff=d_ff, batch=B, sparsity=s,
                                        dtype=str(dtype).removeprefix("torch.")), setup, n_bytes, baseline="dense"))
     return cases

@@ -70,7 +70,7 @@ def _masked_ce_kernel(
     target_ptr,  # (N,) int targets
     weight_ptr,  # (N,) float weights
     loss_ptr,  # (N,) fp32 output
-    grad_ptr,  # (N, V) gradient of sum(loss) w.r.t. logits, logits' dtype (written when HAS_GRAD)
+    grad_ptr,  # (N, V) gradient of sum(loss) w.r.t. logits, logits' dtype (written when HAS_GRAD); may be logits_ptr
     logits_row_stride,  # elements between two rows of logits
     grad_row_stride,  # elements between two rows of grad
     n_cols,  # V, any size
@@ -260,17 +260,23 @@ def _fused_ref(h, W, y, w, b, chunk_size):
     return fused_linear_masked_ce_ref(h, W, y, w, b)
 
 
+def _masked_ce_inplace(z, y, w, backend=None):
+    "`masked_ce(..., inplace=True)` on logits made by an op (`z * 1`), as the in-place contract requires."
+    return masked_ce(z * 1, y, w, inplace=True, backend=backend)
+
+
 def check_masked_ce(
     device: torch.device,  # Where to check
     shapes: Sequence[tuple[int, int]],  # (N, V) shapes of the masked CE
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16),  # Its dtypes
     rates: Sequence[float] = (0.0, 0.5, 1.0),  # No rows masked, half, all
 ):  # `kernel_check`'s rows for both ops, with `op` and `rate` columns
-    "Both ops, every path that runs on `device`, against their references: values and gradients."
+    "Both ops (and the in-place variant), every path that runs on `device`, against their references."
     import pandas as pd
 
-    frames = [kernel_check(masked_ce, masked_ce_ref, device, shapes, dtypes, ce_inputs(r), seed=k).assign(
-        op="masked_ce", rate=r) for k, r in enumerate(rates)]
+    frames = [kernel_check(op, masked_ce_ref, device, shapes, dtypes, ce_inputs(r), seed=k).assign(op=name, rate=r)
+              for k, r in enumerate(rates)
+              for name, op in (("masked_ce", masked_ce), ("masked_ce inplace", _masked_ce_inplace))]
     frames += [kernel_check(_fused_chunked, _fused_ref, device, [(1, 8), (7, 16)],
                             (torch.float32,), linear_inputs(r, 37), tol=LINEAR_TOL).assign(op="fused_linear", rate=r)
                for r in rates]
