@@ -37,6 +37,7 @@ class Case:
     setup: Callable[[int], Mapping[str, Callable]]  # setup(i) → name → zero-argument call, on the i-th random input
     n_bytes: float | Mapping[str, float] | None = None  # Bytes one call must move (one for all, or per name): GB/s
     baseline: str | None = None  # The name speedups are measured against (default: the first)
+    cpu_memory: bool = False  # On CPU, also measure each call's peak memory (`bench(cpu_memory=True)`)
 
 
 @dataclass
@@ -127,7 +128,8 @@ def bench_cases(
 
     rows = []
     for case in cases:
-        t = bench(case.setup, device, case.n_bytes, warmup=warmup, repeats=repeats, number=number, inputs=inputs)
+        t = bench(case.setup, device, case.n_bytes, warmup=warmup, repeats=repeats, number=number, inputs=inputs,
+                  cpu_memory=case.cpu_memory)
         base = case.baseline or t.index[0]
         if base not in t.index:
             raise ValueError(f"baseline {base!r} is not one of the timed names {list(t.index)}")

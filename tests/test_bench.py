@@ -51,7 +51,7 @@ def test_quick_run_writes_valid_json_and_markdown(tiny, tmp_path):
     assert [r["impl"] for r in rows] == ["add", "mul"] and all(r["samples"] == 16 for r in rows)
     for r in rows:
         assert r["min_us"] <= r["q25_us"] <= r["time_us"] <= r["q75_us"] <= r["max_us"] and r["GB/s"] > 0
-    assert rows[0]["speedup"] == 1.0 and "peak_MB" not in rows[0]  # no peak-memory counter on CPU
+    assert rows[0]["speedup"] == 1.0 and "peak_MB" not in rows[0]  # CPU peak memory only when a case asks
     md = out.with_suffix(".md").read_text()
     assert md.startswith("# mdxlib bench") and "## tiny_add" in md and "| impl" in md and "**ok**" in md
     assert not list(tmp_path.rglob("*.tmp"))  # written through a rename, nothing left behind
@@ -90,7 +90,9 @@ def test_every_kernel_check_passes_on_cpu_at_quick_sizes():
         assert any(r["tensor"].startswith("grad") for r in check["rows"])  # gradients compared, not only outputs
     rows = report["suites"]["masked_ce"]["bench"]
     assert {r["masked"] for r in rows} == {0.15, 0.5, 0.85}
-    assert {r["impl"] for r in rows} == {"torch full", "masked_ce"}  # no torch.compile baseline on CPU
+    assert {r["impl"] for r in rows} == {"torch full", "masked_ce", "masked_ce inplace"}  # no torch.compile on CPU
+    peak = {r["impl"]: r["peak_MB"] for r in rows if r["masked"] == 0.5}  # CPU peak memory, asked for by the cases
+    assert peak["masked_ce inplace"] < peak["torch full"]  # the gradient lives in the logits buffer
 
 
 def test_bench_cases_and_bad_arguments(tiny):
@@ -118,3 +120,16 @@ def test_write_report_and_cli_exit_code(tiny, tmp_path, capsys):
         assert main(["bench", "--only", "tiny_broken", "--quick", "--out", str(tmp_path / "bad.json")]) == 1
     finally:
         SUITES.pop("tiny_broken")
+
+
+def test_cpu_peak_memory_on_request():
+    "Peak resident memory of one call on CPU: a 4 MB copy is seen, a view is not; absent unless asked for."
+    from mdxlib.kernels import bench, cpu_peak_supported
+    big = torch.randn(1024, 1024)
+    calls = {"copy": lambda: big.clone(), "view": lambda: big.view(-1)}
+    assert "peak_MB" not in bench(calls, "cpu", repeats=1)
+    table = bench(calls, "cpu", repeats=1, cpu_memory=True)
+    if not cpu_peak_supported():
+        assert table.peak_MB.isna().all()
+        return
+    assert 3.5 < table.loc["copy", "peak_MB"] < 4.5 and table.loc["view", "peak_MB"] < 0.5

@@ -16,6 +16,9 @@ def make(B, d, E, n, seed=0, mask="random", gate=True, dtype=torch.float32):
                 act="silu" if gate else "gelu_tanh", b_up=None if gate else bu, b_down=None if gate else bd)
 
 
+STRATEGIES = (dict(dense_above=1.0, gather_below=0), dict(dense_above=1.0, gather_below=2**62), dict(dense_above=0.0))
+
+
 def test_expert_runs():
     assert expert_runs(torch.tensor([False, True, True, False, True])) == [(1, 3), (4, 5)]
     assert expert_runs(torch.ones(4, dtype=torch.bool)) == [(0, 4)]
@@ -41,9 +44,8 @@ def test_reference_masks_whole_experts():
 @pytest.mark.parametrize("gate", [True, False])
 def test_torch_path_matches_reference(B, mask, gate):
     args = make(B, 19, 12, 5, seed=B, mask=mask, gate=gate)
-    for gather in (0, 10**9):  # contiguous runs of experts / one gather of the active neurons
-        torch.testing.assert_close(sparse_ffn_torch(**args, gather_per_run=gather), sparse_ffn_ref(**args),
-                                   atol=1e-4, rtol=1e-4)
+    for kw in STRATEGIES:  # runs for both projections / one embedding_bag for the down one / dense fallback
+        torch.testing.assert_close(sparse_ffn_torch(**args, **kw), sparse_ffn_ref(**args), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(sparse_ffn(**args), sparse_ffn_ref(**args), atol=1e-4, rtol=1e-4)  # CPU: torch path
 
 
@@ -114,3 +116,82 @@ def test_gate_may_be_the_very_tensor_of_up():
         dev = "cuda" if torch.cuda.is_available() and not TRITON_INTERPRET else "cpu"
         on = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
         torch.testing.assert_close(sparse_ffn(**on, backend="triton").cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
+@pytest.mark.parametrize("B", [1, 4])
+def test_torch_path_half_precision(dtype, tol, B):
+    args = make(B, 33, 8, 6, seed=7, dtype=dtype)
+    ref = sparse_ffn_ref(**{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                            for k, v in args.items()})
+    for kw in STRATEGIES:
+        out = sparse_ffn_torch(**args, **kw)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_torch_path_is_differentiable(gate):
+    "With gradients asked for, the CPU path takes differentiable ops (out= products record no autograd)."
+    args = make(3, 10, 4, 5, seed=8, gate=gate)
+    leaves = [k for k in ("x", "w_gate", "w_up", "w_down", "b_up", "b_down") if args[k] is not None]
+    a1 = args | {k: args[k].clone().requires_grad_() for k in leaves}
+    a2 = args | {k: args[k].clone().requires_grad_() for k in leaves}
+    up = torch.randn(3, 10)
+    (sparse_ffn_torch(**a1, dense_above=1.0) * up).sum().backward()
+    (sparse_ffn_ref(**a2) * up).sum().backward()
+    for k in leaves:
+        torch.testing.assert_close(a1[k].grad, a2[k].grad, atol=1e-4, rtol=1e-4)
+
+
+def test_dense_fallback_only_above_the_threshold():
+    "A mask with every expert on takes the dense products; the result is the same either way."
+    args = make(1, 12, 4, 10, seed=9, mask="all")
+    args["active"][0, 3] = False  # 90 % active
+    ref = sparse_ffn_ref(**args)
+    for above in (0.0, 0.85, 0.95, 1.0):
+        torch.testing.assert_close(sparse_ffn_torch(**args, dense_above=above), ref, atol=1e-4, rtol=1e-4)
+
+
+needs_triton = pytest.mark.skipif(not (HAS_TRITON and (TRITON_INTERPRET or torch.cuda.is_available())),
+                                  reason="needs Triton")
+DEV = "cuda" if torch.cuda.is_available() and not TRITON_INTERPRET else "cpu"
+
+
+def on_dev(args):
+    return {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+@needs_triton
+@pytest.mark.parametrize("split_d", [1, 2, 3])
+@pytest.mark.parametrize("gate", [True, False])
+def test_split_k_over_d_does_not_change_the_result(split_d, gate):
+    "d = 37 in chunks of block_d = 16: one chunk, two, three (the last ragged)."
+    args = on_dev(make(3, 37, 6, 5, seed=12, gate=gate))
+    ref = sparse_ffn_ref(**args)
+    torch.testing.assert_close(sparse_ffn_triton(**args, block_d=16, split_d=split_d), ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_triton_path_never_syncs_with_the_host(monkeypatch):
+    "The grid is fixed by the shapes: no nonzero(), item(), tolist() or bool() of a device tensor in the call."
+    args = on_dev(make(2, 20, 4, 6, seed=13))
+    ref = sparse_ffn_ref(**args)
+
+    def refuse(name):
+        def f(*a, **k):
+            raise AssertionError(f"host sync: Tensor.{name}")
+        return f
+    for name in ("nonzero", "item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    out = sparse_ffn_triton(**args)  # (the interpreter reads its arguments without these calls too)
+    monkeypatch.undo()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_prefill_falls_back_to_dense():
+    args = on_dev(make(5, 12, 4, 3, seed=14))
+    ref = sparse_ffn_ref(**args)
+    torch.testing.assert_close(sparse_ffn_triton(**args, prefill_rows=4), ref, atol=1e-4, rtol=1e-4)  # dense
+    torch.testing.assert_close(sparse_ffn_triton(**args, prefill_rows=8), ref, atol=1e-4, rtol=1e-4)  # kernels

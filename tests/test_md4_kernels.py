@@ -133,3 +133,75 @@ def test_value_checks_can_be_skipped_where_the_caller_vouches():
         masked_ce_ref(z, y, w[:2], check=False)
     if HAS_TRITON and (TRITON_INTERPRET or torch.cuda.is_available()):
         assert torch.allclose(masked_ce(z, y, w, backend="triton", check=False), masked_ce_ref(z, y, w), atol=1e-6)
+
+
+# --- the gradient written into the logits buffer (inplace=True) ---
+
+PATHS = ["torch", "triton"] if CAN_TRITON else ["torch"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_inplace_matches_ref_values_and_gradients(path, rate):
+    "Odd shapes, three dtypes: the logits come from an op (x * 1), so they may be overwritten."
+    op = lambda z, y, w: masked_ce(z * 1, y, w, inplace=True, backend=path)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if path == "torch" else ())
+    report = check_op(op, masked_ce_ref, ce_inputs(rate), shapes=((1, 1), (1, 3), (5, 37), (3, 129)), dtypes=dtypes,
+                      seed=int(rate * 10))
+    assert set(report.tensor) == {"out[0]", "grad[0]"}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_inplace_buffer_holds_the_gradient_and_backward_scales_it(path):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 23, generator=g, requires_grad=True)
+    y, w = torch.randint(0, 23, (6,), generator=g), torch.tensor([0.0, 1.5, 2.0, 0.0, 1.0, 3.0])
+    z = x * 2  # the logits buffer
+    loss = masked_ce(z, y, w, inplace=True, backend=path)
+    expected = w[:, None] * (torch.softmax(2 * x.detach(), -1) - F.one_hot(y, 23))
+    torch.testing.assert_close(z.detach(), expected, atol=1e-6, rtol=1e-5)  # overwritten by the forward
+    torch.testing.assert_close(loss, masked_ce_ref(2 * x.detach(), y, w), atol=1e-6, rtol=1e-5)
+    up = torch.arange(6.0)  # a non-uniform upstream gradient
+    (dz,) = torch.autograd.grad((loss * up).sum(), z)
+    assert dz.data_ptr() == z.data_ptr()  # the backward scaled the same buffer: no second (N, V) tensor
+    torch.testing.assert_close(dz, expected * up[:, None], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_inplace_contract(path):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 9, generator=g, requires_grad=True)
+    y, w = torch.randint(0, 9, (4,), generator=g), torch.ones(4)
+    with pytest.raises(ValueError, match="not a leaf"):  # a parameter or input would be destroyed
+        masked_ce(x, y, w, inplace=True, backend=path)
+    with pytest.raises(ValueError, match="not a leaf"):  # a view of one too
+        masked_ce(x[1:], y[1:], w[1:], inplace=True, backend=path)
+    t = torch.tanh(x)  # tanh's backward needs its output: overwriting it must fail loudly, not silently
+    loss = masked_ce(t, y, w, inplace=True, backend=path)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+    loss = masked_ce(x * 1, y, w, inplace=True, backend=path)
+    loss.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.sum().backward()
+    frozen = x.detach().clone()  # no gradient asked for: nothing is written
+    masked_ce(frozen, y, w, inplace=True, backend=path)
+    assert torch.equal(frozen, x.detach())
+    with torch.no_grad():
+        masked_ce(x * 1, y, w, inplace=True, backend=path)  # no graph: nothing to overwrite either
+
+
+def test_inplace_torch_path_runs_in_chunks(monkeypatch):
+    "Rows processed a few at a time (small chunks force several and a ragged last one): same values."
+    import mdxlib.kernels.md4 as md4k
+    monkeypatch.setattr(md4k, "_CHUNK_ELEMENTS", 40)  # 2 rows of 17 per chunk
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 17, generator=g, dtype=torch.float64, requires_grad=True)
+    y, w = torch.randint(0, 17, (9,), generator=g), torch.rand(9, generator=g, dtype=torch.float64) * (
+        torch.arange(9) % 3 != 0)
+    loss = masked_ce(x * 1, y, w, inplace=True)
+    (dx,) = torch.autograd.grad(loss.sum(), x)
+    ref = masked_ce_ref(x, y, w)
+    (dref,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(dx, dref)

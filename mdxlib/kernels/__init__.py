@@ -19,9 +19,9 @@ from ..core import get_device
 
 # %% auto 0
 __all__ = ['TRITON_INTERPRET', 'triton', 'tl', 'HAS_TRITON', 'BACKENDS', 'OPS', 'TOLERANCES', 'SOFTMAX_DTYPES', 'softmax',
-           'choose_interpret', 'pick_backend', 'triton_available', 'KernelOp', 'randn_inputs', 'check_op', 'bench',
-           'softmax_ref', 'row_max_sumexp', 'row_block', 'softmax_fwd', 'softmax_bwd', 'SoftmaxFunction',
-           'softmax_triton']
+           'choose_interpret', 'pick_backend', 'triton_available', 'KernelOp', 'randn_inputs', 'check_op',
+           'cpu_peak_supported', 'bench', 'softmax_ref', 'row_max_sumexp', 'row_block', 'softmax_fwd', 'softmax_bwd',
+           'SoftmaxFunction', 'softmax_triton']
 
 # %% ../../nbs/05_kernels.ipynb
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -287,6 +287,57 @@ def _peak_mb(fn: Callable, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _status_kb(key: str) -> int:
+    "One `kB` field of /proc/self/status (VmRSS, VmHWM)."
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _libc():
+    "glibc through ctypes, or None (another C library, no ctypes)."
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except (OSError, ImportError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_peak_supported() -> bool:
+    "Whether CPU peak memory can be measured here (a resettable RSS high-water mark); fixes glibc's mmap threshold."
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_kb("VmHWM")
+    except (OSError, KeyError):
+        return False
+    libc = _libc()
+    if libc is not None:  # a fixed threshold: large blocks are mmap-ed and returned on free, seen by the RSS each time
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    return True
+
+
+def _peak_mb_cpu(fn: Callable) -> float:
+    "MB of resident memory one call of `fn` adds at its peak above the resident memory before it (NaN if unknown)."
+    if not cpu_peak_supported():
+        return math.nan
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)  # hand back free heap pages kept from earlier calls: reusing them would add no RSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
 def bench(
     fns: Mapping[str, Callable] | Callable[[int], Mapping[str, Callable]],  # name → zero-argument call; or
     # `setup(i)` → such a mapping for the i-th random input (e.g. a fresh mask), called for i < `inputs`
@@ -297,8 +348,9 @@ def bench(
     number: int = 1,  # Calls per timed sample: raise it for calls of a few µs
     inputs: int = 1,  # Inputs `setup` is called for (a mapping is one input)
     flush: bool = True,  # On a GPU, zero a 256 MB buffer before each sample so every sample starts with a cold L2
+    cpu_memory: bool = False,  # On CPU, also measure each call's peak resident memory (Linux; megabyte calls)
 ):  # A pandas DataFrame indexed by name: time_us (median), min/q25/q75/max_us, samples[, GB/s][, peak_MB]
-    "Time calls interleaved (A B C, B C A, ...) over repeats and random inputs: median, spread, GB/s, GPU peak memory."
+    "Time calls interleaved (A B C, B C A, ...) over repeats and random inputs: median, spread, GB/s, peak memory."
     import pandas as pd
 
     warmup = check_int(warmup, "warmup", minimum=0)
@@ -312,6 +364,8 @@ def bench(
     device = get_device(device)
     cuda = device.type == "cuda"
     buffer = _flush_buffer(device) if flush else None
+    if cpu_memory and not cuda:
+        cpu_peak_supported()  # before the first call: fixes glibc's mmap threshold
     times: dict[str, list[float]] = {}
     peaks: dict[str, float] = {}
     for i in range(inputs):
@@ -328,6 +382,9 @@ def bench(
             torch.cuda.synchronize(device)
             for name in names:
                 if name not in peaks: peaks[name] = _peak_mb(calls[name], device)
+        elif cpu_memory:
+            for name in names:
+                if name not in peaks: peaks[name] = _peak_mb_cpu(calls[name])
         for r in range(repeats):
             shift = (r + i) % len(names)  # rotate the order: no name always runs first (or after the same one)
             for name in names[shift:] + names[:shift]:
@@ -340,7 +397,7 @@ def bench(
         if n_bytes is not None:
             nb = n_bytes.get(name) if isinstance(n_bytes, Mapping) else n_bytes
             row["GB/s"] = math.nan if nb is None else nb / (row["time_us"] * 1e-6) / 1e9
-        if cuda:
+        if name in peaks:
             row["peak_MB"] = peaks[name]
         rows[name] = row
     return pd.DataFrame.from_dict(rows, orient="index")

@@ -16,8 +16,8 @@ from ..checks import check_choice, check_positive
 from . import TRITON_INTERPRET, KernelOp, tl, triton
 
 # %% auto 0
-__all__ = ['ACTS', 'sparse_ffn', 'FFN_SHAPES', 'sparse_ffn_ref', 'expert_runs', 'sparse_ffn_torch', 'sparse_ffn_triton',
-           'ffn_inputs', 'check_sparse_ffn', 'sparse_ffn_cases']
+__all__ = ['ACTS', 'DENSE_ABOVE', 'GATHER_BELOW', 'PREFILL_ROWS', 'sparse_ffn', 'FFN_SHAPES', 'sparse_ffn_ref', 'expert_runs',
+           'sparse_ffn_torch', 'sparse_ffn_triton', 'ffn_inputs', 'check_sparse_ffn', 'sparse_ffn_cases']
 
 # %% ../../nbs/18a_lte_kernels.ipynb
 ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "relu": F.relu}
@@ -90,6 +90,31 @@ def expert_runs(
     return runs
 
 
+DENSE_ABOVE = 0.8  # `sparse_ffn_torch` runs the dense FFN when more than this share of the experts is active
+GATHER_BELOW = 2**16  # ... and gathers the active neurons when a run averages fewer weight elements than this
+
+
+def _dense_masked(x, w_gate, w_up, w_down, active, expert_size, f, b_up, b_down, mask_rows):
+    "The dense FFN, inactive experts' neurons zeroed when `mask_rows` (what the dense fallback runs)."
+    u = F.linear(x, w_up, b_up)
+    h = f(F.linear(x, w_gate)) * u if w_gate is not None else f(u)
+    if mask_rows:
+        h = (h.unflatten(1, (-1, expert_size)) * active[:, :, None].to(h.dtype)).flatten(1)
+    out = h @ w_down
+    return out if b_down is None else out + b_down
+
+
+def _gathered(x, w_gate, w_up, w_down, active, expert_size, f, b_up, b_down, union, per_row):
+    "One `index_select` per matrix over the union's neurons: the differentiable path (autograd through every op)."
+    idx = union.repeat_interleave(expert_size).nonzero().squeeze(1)  # (k,) neuron ids
+    u = F.linear(x, w_up.index_select(0, idx), None if b_up is None else b_up.index_select(0, idx))
+    h = f(F.linear(x, w_gate.index_select(0, idx))) * u if w_gate is not None else f(u)
+    if per_row:
+        h = h * active[:, union].repeat_interleave(expert_size, dim=1).to(h.dtype)
+    out = h @ w_down.index_select(0, idx)
+    return out if b_down is None else out + b_down
+
+
 def sparse_ffn_torch(
     x: torch.Tensor,  # (B, d) inputs
     w_gate: torch.Tensor | None,  # (d_ff, d) neuron-major gate weights; None for GPT-2 style
@@ -100,33 +125,72 @@ def sparse_ffn_torch(
     act: str = "silu",  # A key of `ACTS`
     b_up: torch.Tensor | None = None,  # (d_ff,) up/fc bias
     b_down: torch.Tensor | None = None,  # (d,) down bias
-    gather_per_run: int = 0,  # Gather (index_select) instead when the active weights per run are fewer elements
+    dense_above: float = DENSE_ABOVE,  # Run the dense FFN (masked) when a larger share of experts is active
+    gather_below: int = GATHER_BELOW,  # Gather the active neurons when runs average fewer weight elements
 ) -> torch.Tensor:  # (B, d), equal to `sparse_ffn_ref`
-    "The sparse FFN over views of the contiguous runs of the union of active experts (or one gather, on request)."
-    _check_ffn_args(x, w_gate, w_up, w_down, active, expert_size, act, b_up, b_down)
-    f = ACTS[act]
-    out = None  # (B, d), allocated by the first product
+    "The sparse FFN on CPU: gathered neurons for short runs of active experts, views of the runs for long ones."
+    n = _check_ffn_args(x, w_gate, w_up, w_down, active, expert_size, act, b_up, b_down)
+    f, E = ACTS[act], expert_size
+    B, d = x.shape
     union = active.any(0)  # (n_experts,)
-    per_row = x.shape[0] > 1 and not bool((active == union).all())  # rows disagree on some expert: mask per row
+    per_row = B > 1 and not bool((active == union).all())  # rows disagree on some expert: mask per row
     runs = expert_runs(union)
-    n_active = sum(e1 - e0 for e0, e1 in runs) * expert_size
-    if runs and n_active * x.shape[1] < gather_per_run * len(runs):  # many short runs: one copy beats many calls
-        idx = union.repeat_interleave(expert_size).nonzero().squeeze(1)  # (n_active,) neuron ids
-        u = F.linear(x, w_up.index_select(0, idx), None if b_up is None else b_up.index_select(0, idx))
-        h = f(F.linear(x, w_gate.index_select(0, idx))) * u if w_gate is not None else f(u)
-        if per_row:
-            h = h * active[:, union].repeat_interleave(expert_size, dim=1).to(h.dtype)
-        out = h @ w_down.index_select(0, idx)
+    n_on = sum(e1 - e0 for e0, e1 in runs)
+    if n_on > dense_above * n:  # too little to skip: the three dense products are cheaper
+        return _dense_masked(x, w_gate, w_up, w_down, active, E, f, b_up, b_down, n_on < n or per_row)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (x, w_gate, w_up, w_down, b_up, b_down))
+    if grads:  # the fast paths below use out= products and in-place ops: the gathered path records autograd
+        return _gathered(x, w_gate, w_up, w_down, active, E, f, b_up, b_down, union, per_row)
+    if not runs:  # no active expert
+        out = x.new_zeros(B, d)
         return out if b_down is None else out + b_down
-    for e0, e1 in runs:
-        rows = slice(e0 * expert_size, e1 * expert_size)  # a view: the run's weights are contiguous
-        u = F.linear(x, w_up[rows], None if b_up is None else b_up[rows])  # (B, run)
-        h = f(F.linear(x, w_gate[rows])) * u if w_gate is not None else f(u)
+    k = n_on * E  # active neurons
+    vec = B == 1  # decoding: matrix-vector products
+    if k * d < gather_below * len(runs):  # short runs: a few calls in all beat a few calls per run
+        idx = union.repeat_interleave(E).nonzero().squeeze(1)  # (k,) neuron ids
+        bu = None if b_up is None else b_up.index_select(0, idx)
+        if vec:  # (k,) activations from the gathered (k, d) blocks
+            u = torch.mv(w_up.index_select(0, idx), x[0])
+            u = u if bu is None else u.add_(bu)
+            g = torch.mv(w_gate.index_select(0, idx), x[0]) if w_gate is not None else None
+        else:  # (B, k)
+            u = F.linear(x, w_up.index_select(0, idx), bu)
+            g = F.linear(x, w_gate.index_select(0, idx)) if w_gate is not None else None
+        h = f(g).mul_(u) if g is not None else f(u)
         if per_row:
-            h = h * active[:, e0:e1].repeat_interleave(expert_size, dim=1).to(h.dtype)
-        out = h @ w_down[rows] if out is None else out.addmm_(h, w_down[rows])  # (B, d) += (B, run) @ (run, d)
-    if out is None:
-        out = x.new_zeros(x.shape[0], w_down.shape[1])  # no active expert
+            h.mul_(active[:, union].repeat_interleave(E, dim=1).to(h.dtype))
+        # out[b] = sum_j h[b, j] w_down[idx[j]]: one call reads exactly the active rows of w_down, copies nothing
+        out = F.embedding_bag(idx.expand(B, k), w_down, per_sample_weights=h.view(B, k), mode="sum")
+        return out if b_down is None else out + b_down
+    # long runs: each run's weights are a contiguous view; BLAS streams them better than a gather copies them
+    rhs = x[0] if vec else x.t()  # (d,) or (d, B), a view
+    prod = torch.mv if vec else torch.mm
+    u = x.new_empty((k,) if vec else (k, B))  # one slice per run, written in place by out= products
+    g = torch.empty_like(u) if w_gate is not None else None
+    at = 0
+    for e0, e1 in runs:
+        rows, size = slice(e0 * E, e1 * E), (e1 - e0) * E
+        prod(w_up[rows], rhs, out=u[at:at + size])
+        if g is not None:
+            prod(w_gate[rows], rhs, out=g[at:at + size])
+        at += size
+    if b_up is not None:
+        bu = b_up.index_select(0, union.repeat_interleave(E).nonzero().squeeze(1))
+        u += bu if vec else bu[:, None]
+    h = f(g).mul_(u) if g is not None else f(u)  # (k,) or (k, B)
+    if per_row:
+        h.mul_(active[:, union].repeat_interleave(E, dim=1).t().to(h.dtype))
+    out = x.new_zeros(d) if vec else x.new_zeros(B, d)
+    at = 0
+    for e0, e1 in runs:
+        rows, size = slice(e0 * E, e1 * E), (e1 - e0) * E
+        if vec:
+            out.addmv_(w_down[rows].t(), h[at:at + size])  # (d,) += (d, run) @ (run,)
+        else:
+            out.addmm_(h[at:at + size].t(), w_down[rows])  # (B, d) += (B, run) @ (run, d)
+        at += size
+    out = out.view(B, d)
     return out if b_down is None else out + b_down
 
 # %% ../../nbs/18a_lte_kernels.ipynb
@@ -155,55 +219,92 @@ def _expert_up_kernel(
     x_ptr,  # (B, d) inputs, contiguous
     wg_ptr,  # (d_ff, d) gate weights, neuron-major (ignored unless HAS_GATE)
     wu_ptr,  # (d_ff, d) up weights, neuron-major
-    bu_ptr,  # (d_ff,) up bias (ignored unless HAS_BIAS)
-    active_ptr,  # (B, n_experts) int8 row mask
-    experts_ptr,  # (n_a,) int32 ids of the selected experts
-    h_ptr,  # (B, n_a * E) fp32 output: slot s holds expert experts[s]
-    B, d, n_experts, n_a,  # sizes
+    union_ptr,  # (n_experts,) int8: 1 where some row uses the expert
+    pre_ptr,  # (SPLIT_D, 1 + HAS_GATE, B, d_ff) fp32 partial pre-activations (up, then gate)
+    B, d, d_ff,  # sizes
+    chunk_d,  # input columns per program (a multiple of BLOCK_D)
     E: tl.constexpr,  # expert size
     BLOCK_E: tl.constexpr,  # next power of two >= E
     BLOCK_B: tl.constexpr,  # rows per program, a power of two
     BLOCK_D: tl.constexpr,  # input columns per step, a power of two
-    HAS_GATE: tl.constexpr,  # SwiGLU (act(x Wg) * x Wu) or GPT-2 (act(x Wu + b))
+    HAS_GATE: tl.constexpr,  # SwiGLU (gate and up) or GPT-2 (up only)
+):
+    e = tl.program_id(0).to(tl.int64)  # one program per expert, active or not: a launch size fixed on the host
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,) rows
+    part = tl.program_id(2)  # which chunk of the d inputs (split-K)
+    if tl.load(union_ptr + e) != 0:  # an inactive expert's program exits at once: no weight is loaded
+        j = tl.arange(0, BLOCK_E)  # (BLOCK_E,) neurons of the expert
+        rows_w = e * E + j  # neuron ids
+        mb, mj = rb < B, j < E
+        acc_u = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)
+        k_start = part * chunk_d
+        k_end = tl.minimum(k_start + chunk_d, d)
+        for k0 in range(k_start, k_end, BLOCK_D):
+            k = k0 + tl.arange(0, BLOCK_D)
+            mk = k < k_end
+            xb = tl.load(x_ptr + rb[:, None] * d + k[None, :], mask=mb[:, None] & mk[None, :],
+                         other=0.0).to(tl.float32)
+            wmask = mj[:, None] & mk[None, :]
+            wu = tl.load(wu_ptr + rows_w[:, None] * d + k[None, :], mask=wmask, other=0.0).to(tl.float32)
+            acc_u += tl.sum(xb[:, None, :] * wu[None, :, :], axis=2)  # (BLOCK_B, BLOCK_E)
+            if HAS_GATE:
+                wg = tl.load(wg_ptr + rows_w[:, None] * d + k[None, :], mask=wmask, other=0.0).to(tl.float32)
+                acc_g += tl.sum(xb[:, None, :] * wg[None, :, :], axis=2)
+        out = pre_ptr + ((part * (1 + HAS_GATE)) * B + rb[:, None]) * d_ff + rows_w[None, :]
+        m = mb[:, None] & mj[None, :]
+        tl.store(out, acc_u, mask=m)
+        if HAS_GATE:
+            tl.store(out + B * d_ff, acc_g, mask=m)
+
+
+@triton.jit
+def _expert_act_kernel(
+    pre_ptr,  # (SPLIT_D, 1 + HAS_GATE, B, d_ff) fp32 partial pre-activations from `_expert_up_kernel`
+    bu_ptr,  # (d_ff,) up bias (ignored unless HAS_BIAS)
+    active_ptr,  # (B, n_experts) int8 row mask
+    union_ptr,  # (n_experts,) int8
+    h_ptr,  # (B, d_ff) fp32 activations (written for active experts only)
+    B, d_ff, n_experts,  # sizes
+    SPLIT_D: tl.constexpr,  # partial sums to add
+    E: tl.constexpr,  # expert size
+    BLOCK_E: tl.constexpr,  # next power of two >= E
+    BLOCK_B: tl.constexpr,  # rows per program
+    HAS_GATE: tl.constexpr,  # act(gate) * up, or act(up + bias)
     HAS_BIAS: tl.constexpr,  # add bu
     ACT: tl.constexpr,  # the activation id
 ):
-    slot = tl.program_id(0)
-    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,) rows
-    e = tl.load(experts_ptr + slot).to(tl.int64)
-    j = tl.arange(0, BLOCK_E)  # (BLOCK_E,) neurons of the expert
-    rows_w = e * E + j  # neuron ids
-    mb, mj = rb < B, j < E
-    acc_u = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_D):
-        k = k0 + tl.arange(0, BLOCK_D)
-        mk = k < d
-        xb = tl.load(x_ptr + rb[:, None] * d + k[None, :], mask=mb[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        wmask = mj[:, None] & mk[None, :]
-        wu = tl.load(wu_ptr + rows_w[:, None] * d + k[None, :], mask=wmask, other=0.0).to(tl.float32)
-        acc_u += tl.sum(xb[:, None, :] * wu[None, :, :], axis=2)  # (BLOCK_B, BLOCK_E)
+    e = tl.program_id(0).to(tl.int64)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    if tl.load(union_ptr + e) != 0:
+        j = tl.arange(0, BLOCK_E)
+        rows_w = e * E + j
+        mb, mj = rb < B, j < E
+        m = mb[:, None] & mj[None, :]
+        at = rb[:, None] * d_ff + rows_w[None, :]
+        u = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)
+        g = tl.zeros((BLOCK_B, BLOCK_E), dtype=tl.float32)
+        for p in range(SPLIT_D):  # the split-K partial sums, in a fixed order: deterministic
+            u += tl.load(pre_ptr + (p * (1 + HAS_GATE)) * B * d_ff + at, mask=m, other=0.0)
+            if HAS_GATE:
+                g += tl.load(pre_ptr + (p * (1 + HAS_GATE) + 1) * B * d_ff + at, mask=m, other=0.0)
+        if HAS_BIAS:
+            u += tl.load(bu_ptr + rows_w, mask=mj, other=0.0).to(tl.float32)[None, :]
         if HAS_GATE:
-            wg = tl.load(wg_ptr + rows_w[:, None] * d + k[None, :], mask=wmask, other=0.0).to(tl.float32)
-            acc_g += tl.sum(xb[:, None, :] * wg[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc_u += tl.load(bu_ptr + rows_w, mask=mj, other=0.0).to(tl.float32)[None, :]
-    if HAS_GATE:
-        h = _act(acc_g, ACT) * acc_u
-    else:
-        h = _act(acc_u, ACT)
-    a = tl.load(active_ptr + rb * n_experts + e, mask=mb, other=0).to(tl.float32)  # (BLOCK_B,) this row uses e?
-    h = h * a[:, None]
-    tl.store(h_ptr + rb[:, None] * (n_a * E) + slot * E + j[None, :], h, mask=mb[:, None] & mj[None, :])
+            h = _act(g, ACT) * u
+        else:
+            h = _act(u, ACT)
+        a = tl.load(active_ptr + rb * n_experts + e, mask=mb, other=0).to(tl.float32)  # (BLOCK_B,) row uses e?
+        tl.store(h_ptr + at, h * a[:, None], mask=m)
 
 
 @triton.jit
 def _expert_down_kernel(
-    h_ptr,  # (B, n_a * E) fp32 compact activations from `_expert_up_kernel`
+    h_ptr,  # (B, d_ff) fp32 activations from `_expert_act_kernel` (valid on active experts)
     wd_ptr,  # (d_ff, d) down weights, neuron-major
-    experts_ptr,  # (n_a,) int32 ids of the selected experts
-    out_ptr,  # (B, d) fp32 output, pre-filled with the bias or zeros; accumulated atomically
-    B, d, n_a,  # sizes
+    union_ptr,  # (n_experts,) int8
+    part_ptr,  # (SPLIT, B, d) fp32 partial outputs, one slice per share of the experts
+    B, d, d_ff, n_experts,  # sizes
     E: tl.constexpr,  # expert size
     BLOCK_E: tl.constexpr,  # next power of two >= E
     BLOCK_B: tl.constexpr,  # rows per program
@@ -216,15 +317,24 @@ def _expert_down_kernel(
     j = tl.arange(0, BLOCK_E)
     mn, mb, mj = n < d, rb < B, j < E
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for slot in range(part, n_a, SPLIT):
-        e = tl.load(experts_ptr + slot).to(tl.int64)
-        h = tl.load(h_ptr + rb[:, None] * (n_a * E) + slot * E + j[None, :], mask=mb[:, None] & mj[None, :], other=0.0)
-        w = tl.load(wd_ptr + (e * E + j)[:, None] * d + n[None, :], mask=mj[:, None] & mn[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)  # (BLOCK_B, BLOCK_N)
-    tl.atomic_add(out_ptr + rb[:, None] * d + n[None, :], acc, mask=mb[:, None] & mn[None, :])
+    for e in range(part, n_experts, SPLIT):  # every SPLIT-th expert; inactive ones cost one byte's load
+        if tl.load(union_ptr + e) != 0:
+            rows_w = (e * E + j).to(tl.int64)  # int64: d_ff * d may pass 2**31
+            h = tl.load(h_ptr + rb[:, None] * d_ff + rows_w[None, :], mask=mb[:, None] & mj[None, :], other=0.0)
+            w = tl.load(wd_ptr + rows_w[:, None] * d + n[None, :], mask=mj[:, None] & mn[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(h[:, :, None] * w[None, :, :], axis=1)  # (BLOCK_B, BLOCK_N)
+    tl.store(part_ptr + (part * B + rb[:, None]) * d + n[None, :], acc, mask=mb[:, None] & mn[None, :])
 
 # %% ../../nbs/18a_lte_kernels.ipynb
+PREFILL_ROWS = 32  # above this many rows the Triton path runs the dense FFN (prefill: the union is nearly all)
+
+
+def _launch_split(programs: int, most: int, target: int = 2048) -> int:
+    "How many ways to split work that has `programs` programs already: enough for ~`target`, at most `most`."
+    return max(1, min(most, triton.cdiv(target, max(programs, 1))))
+
+
 def sparse_ffn_triton(
     x: torch.Tensor,  # (B, d) inputs
     w_gate: torch.Tensor | None,  # (d_ff, d) neuron-major gate weights; None for GPT-2 style
@@ -236,35 +346,45 @@ def sparse_ffn_triton(
     b_up: torch.Tensor | None = None,  # (d_ff,) up/fc bias
     b_down: torch.Tensor | None = None,  # (d,) down bias
     block_d: int = 64,  # input columns per step of kernel 1
-    block_n: int = 64,  # output columns per program of kernel 2
-    split: int | None = None,  # programs per output tile in kernel 2; default: enough to fill ~128 programs
+    block_n: int = 64,  # output columns per program of kernel 3
+    split: int | None = None,  # programs per output tile in kernel 3; default: ~2048 programs in all
+    split_d: int | None = None,  # chunks of the d inputs in kernel 1 (split-K); default: ~2048 programs in all
+    prefill_rows: int = PREFILL_ROWS,  # more rows than this: the dense FFN (masked), no kernels
 ) -> torch.Tensor:  # (B, d) in x's dtype
-    "The sparse FFN with two Triton kernels over the selected experts' contiguous blocks (fp32 accumulation)."
+    "The sparse FFN with three Triton kernels on a mask-driven grid of fixed size: no host sync, fp32 accumulation."
     n = _check_ffn_args(x, w_gate, w_up, w_down, active, expert_size, act, b_up, b_down)
+    B, d = x.shape
+    if B > prefill_rows:  # prefill: the union of many rows' experts is nearly all of them
+        return _dense_masked(x, w_gate, w_up, w_down, active, expert_size, ACTS[act], b_up, b_down, True)
     has_gate = w_gate is not None  # decided before the placeholder: a gate may be the very tensor of w_up
     x, w_up, w_down = x.contiguous(), w_up.contiguous(), w_down.contiguous()
     w_gate = w_gate.contiguous() if has_gate else w_up  # a placeholder pointer when HAS_GATE is off
-    B, d = x.shape
-    experts = active.any(0).nonzero().squeeze(1).to(torch.int32)  # (n_a,) the batch's union
-    n_a = experts.numel()
-    out = torch.zeros(B, d, dtype=torch.float32, device=x.device)
-    if b_down is not None:
-        out += b_down.float()
-    if n_a == 0:
-        return out.to(x.dtype)
+    d_ff = w_up.shape[0]
+    union = active.any(0).to(torch.int8)  # (n,) on the device: the grid never depends on it, so no sync
     block_e = triton.next_power_of_2(expert_size)
     block_b = min(triton.next_power_of_2(B), 8)
-    h = torch.empty(B, n_a * expert_size, dtype=torch.float32, device=x.device)
-    bu = w_up if b_up is None else b_up.contiguous()
-    _expert_up_kernel[(n_a, triton.cdiv(B, block_b))](
-        x, w_gate, w_up, bu, active.to(torch.int8).contiguous(), experts, h, B, d, n, n_a,
-        E=expert_size, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_D=block_d, HAS_GATE=has_gate,
+    row_blocks = triton.cdiv(B, block_b)
+    split_d = split_d or _launch_split(n * row_blocks, triton.cdiv(d, block_d))
+    chunk_d = triton.cdiv(triton.cdiv(d, split_d), block_d) * block_d  # a multiple of block_d
+    split_d = triton.cdiv(d, chunk_d)
+    pre = torch.empty(split_d, 1 + has_gate, B, d_ff, dtype=torch.float32, device=x.device)
+    _expert_up_kernel[(n, row_blocks, split_d)](
+        x, w_gate, w_up, union, pre, B, d, d_ff, chunk_d, E=expert_size, BLOCK_E=block_e, BLOCK_B=block_b,
+        BLOCK_D=block_d, HAS_GATE=has_gate)
+    h = torch.empty(B, d_ff, dtype=torch.float32, device=x.device)
+    _expert_act_kernel[(n, row_blocks)](
+        pre, w_up if b_up is None else b_up.contiguous(), active.to(torch.int8).contiguous(), union, h, B, d_ff, n,
+        SPLIT_D=split_d, E=expert_size, BLOCK_E=block_e, BLOCK_B=block_b, HAS_GATE=has_gate,
         HAS_BIAS=b_up is not None, ACT=_ACT_IDS[act])
-    tiles = triton.cdiv(d, block_n) * triton.cdiv(B, block_b)
-    split = split or max(1, min(n_a, 128 // tiles))
-    _expert_down_kernel[(triton.cdiv(d, block_n), triton.cdiv(B, block_b), split)](
-        h, w_down, experts, out, B, d, n_a, E=expert_size, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_N=block_n,
+    tiles = triton.cdiv(d, block_n) * row_blocks
+    split = split or _launch_split(tiles, n)
+    parts = torch.empty(split, B, d, dtype=torch.float32, device=x.device)
+    _expert_down_kernel[(triton.cdiv(d, block_n), row_blocks, split)](
+        h, w_down, union, parts, B, d, d_ff, n, E=expert_size, BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_N=block_n,
         SPLIT=split)
+    out = parts.sum(0)  # the shares of the experts, added in a fixed order
+    if b_down is not None:
+        out += b_down.float()
     return out.to(x.dtype)
 
 
@@ -329,7 +449,7 @@ def sparse_ffn_cases(
     batches: Sequence[int] = (1, 8),  # Rows per call (1: decoding one token)
     expert_size: int = 32,  # Neurons per expert
     dtype: torch.dtype | None = None,  # Default fp16 on a GPU, fp32 on CPU
-) -> list:  # `Case`s for `bench_cases`: dense, index_select, sparse_ffn (and torch.compile of dense on a GPU)
+) -> list:  # `Case`s for `bench_cases`: dense, index_select, sparse_ffn, one run (and torch.compile on a GPU)
     "Benchmark cases of `sparse_ffn` against the dense FFN: every row gets a new random mask per input."
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     size = torch.finfo(dtype).bits // 8
@@ -362,8 +482,11 @@ def sparse_ffn_cases(
                             h = h * active[:, active.any(0)].repeat_interleave(expert_size, dim=1).to(h.dtype)
                         return h @ wd.index_select(0, idx)
 
+                    k = int(active.any(0).sum()) * expert_size  # the union's neurons, as one contiguous block:
+                    one_run = lambda: F.linear(F.silu(F.linear(x, wg[:k])) * F.linear(x, wu[:k]), wd[:k].T)
                     calls = {"dense": lambda: dense(x, wg, wu, wd_lin), "index_select": gathered,
-                             "sparse_ffn": lambda: sparse_ffn(x, wg, wu, wd, active, expert_size)}
+                             "sparse_ffn": lambda: sparse_ffn(x, wg, wu, wd, active, expert_size),
+                             "one run (ceiling)": one_run}  # the same bytes with no run overhead
                     if compile_here(device):
                         key = (d, d_ff, B)
                         if key not in compiled:
@@ -374,7 +497,7 @@ def sparse_ffn_cases(
                 union = n * (1 - s ** B)  # expected experts active in some row (rows drawn independently)
                 active_bytes = 3 * round(union) * expert_size * d * size
                 n_bytes = {"dense": 3 * d_ff * d * size, "torch.compile dense": 3 * d_ff * d * size,
-                           "index_select": active_bytes, "sparse_ffn": active_bytes}
+                           "index_select": active_bytes, "sparse_ffn": active_bytes, "one run (ceiling)": active_bytes}
                 cases.append(Case(dict(shape=name, d=d, d_ff=d_ff, batch=B, sparsity=s,
                                        dtype=str(dtype).removeprefix("torch.")), setup, n_bytes, baseline="dense"))
     return cases

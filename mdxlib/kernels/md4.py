@@ -16,9 +16,10 @@ from ..checks import check_positive
 from . import TRITON_INTERPRET, KernelOp, row_block, row_max_sumexp, tl, triton
 
 # %% auto 0
-__all__ = ['masked_ce', 'LINEAR_TOL', 'fused_linear_masked_ce_torch', 'fused_linear_masked_ce_triton', 'fused_linear_masked_ce',
-           'masked_ce_ref', 'masked_ce_fwd', 'MaskedCEFunction', 'masked_ce_triton', 'ce_inputs', 'linear_inputs',
-           'check_masked_ce', 'fused_linear_masked_ce_ref', 'masked_ce_batch', 'masked_ce_cases']
+__all__ = ['masked_ce_torch', 'masked_ce_triton', 'masked_ce', 'LINEAR_TOL', 'fused_linear_masked_ce_torch',
+           'fused_linear_masked_ce_triton', 'fused_linear_masked_ce', 'masked_ce_ref', 'masked_ce_fwd',
+           'masked_ce_grad_torch', 'MaskedCEFunction', 'ce_inputs', 'linear_inputs', 'check_masked_ce',
+           'fused_linear_masked_ce_ref', 'masked_ce_batch', 'masked_ce_cases']
 
 # %% ../../nbs/10a_md4_kernels.ipynb
 def _check_ce_args(logits, target, weight, check: bool = True) -> None:
@@ -69,7 +70,7 @@ def _masked_ce_kernel(
     target_ptr,  # (N,) int targets
     weight_ptr,  # (N,) float weights
     loss_ptr,  # (N,) fp32 output
-    grad_ptr,  # (N, V) gradient of sum(loss) w.r.t. logits, logits' dtype (written when HAS_GRAD)
+    grad_ptr,  # (N, V) gradient of sum(loss) w.r.t. logits, logits' dtype (written when HAS_GRAD); may be logits_ptr
     logits_row_stride,  # elements between two rows of logits
     grad_row_stride,  # elements between two rows of grad
     n_cols,  # V, any size
@@ -109,6 +110,7 @@ def masked_ce_fwd(
     with_grad: bool = True,  # Also write the gradient of sum(loss) w.r.t. logits
     block_size: int | None = None,  # Columns per step (power of two); default up to 4096
     check: bool = True,  # Check the targets' range and the weights (syncs with the device)
+    inplace: bool = False,  # Write the gradient into `logits` itself (a contiguous copy if its rows are not)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # loss (N,) fp32, grad (N, V) in logits' dtype or None
     "Launch the masked cross-entropy kernel (no autograd)."
     _check_ce_args(logits, target, weight, check)
@@ -117,7 +119,7 @@ def masked_ce_fwd(
     logits, target, weight = logits.contiguous(), target.contiguous(), weight.contiguous()
     N, V = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    grad = torch.empty_like(logits) if with_grad else loss  # a dummy pointer when no gradient is written
+    grad = (logits if inplace else torch.empty_like(logits)) if with_grad else loss  # dummy pointer without grad
     if N:
         block, warps = row_block(V, block_size)
         _masked_ce_kernel[(N,)](logits, target, weight, loss, grad, logits.stride(0),
@@ -125,33 +127,95 @@ def masked_ce_fwd(
     return loss, (grad if with_grad else None)
 
 
+_CHUNK_ELEMENTS = 2**20  # the torch path's working set: rows per chunk x V (4 MB in fp32)
+
+
+def masked_ce_grad_torch(
+    logits: torch.Tensor,  # (N, V) float logits
+    target: torch.Tensor,  # (N,) int targets
+    weight: torch.Tensor,  # (N,) float weights; 0 skips the row
+    out: torch.Tensor,  # (N, V) where the gradient goes: `logits` itself, or a fresh buffer
+) -> torch.Tensor:  # loss (N,) fp32 (fp64 for fp64 logits); `out` holds w (softmax - onehot), 0 on skipped rows
+    "What the kernel computes, in torch: masked rows in chunks of ~1M elements, each read before its rows are written."
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    N, V = logits.shape
+    loss = torch.zeros(N, dtype=out_dtype, device=logits.device)
+    rows = (weight != 0).nonzero().squeeze(1)
+    step = max(1, _CHUNK_ELEMENTS // V)
+    for start in range(0, len(rows), step):
+        r = rows[start:start + step]
+        z = logits.index_select(0, r).to(out_dtype)  # (c, V): the one temporary; writing `out` cannot disturb it
+        y, w = target.index_select(0, r).long(), weight.index_select(0, r).to(out_dtype)
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        m = z.amax(1, keepdim=True)
+        p = z.sub_(m).exp_()  # e^{z - max}, in the copy's memory
+        total = p.sum(1)
+        loss.index_copy_(0, r, w * (m.squeeze(1) + total.log() - z_y))
+        p.div_(total[:, None])[torch.arange(len(r), device=p.device), y] -= 1  # softmax - onehot
+        out.index_copy_(0, r, p.mul_(w[:, None]).to(out.dtype))
+    out.masked_fill_((weight == 0)[:, None], 0)
+    return loss
+
+
+def _check_inplace(logits: torch.Tensor) -> None:
+    "`inplace=True` overwrites logits: refuse a leaf (a parameter, an input) and a view of one."
+    base = logits if logits._base is None else logits._base
+    if base.is_leaf:
+        raise ValueError("inplace=True overwrites logits with their gradient: logits must be computed by a "
+                         "differentiable op (e.g. the output projection), not a leaf tensor or a view of one")
+
+
 class MaskedCEFunction(torch.autograd.Function):
-    "Weighted masked cross-entropy with the Triton kernel: the forward launch also writes the gradient."
+    "Weighted masked cross-entropy whose forward also writes the gradient (the backward only scales it, in place)."
 
     @staticmethod
-    def forward(ctx, logits, target, weight, block_size=None, check=True):
-        loss, grad = masked_ce_fwd(logits, target, weight.detach(), logits.requires_grad, block_size, check)
+    def forward(ctx, logits, target, weight, block_size=None, check=True, inplace=False, use_triton=True):
+        weight = weight.detach()
+        with_grad = logits.requires_grad
+        if use_triton:
+            loss, grad = masked_ce_fwd(logits, target, weight, with_grad, block_size, check, inplace)
+        else:
+            _check_ce_args(logits, target, weight, check)
+            grad = (logits if inplace else torch.empty_like(logits)) if with_grad else None
+            loss = masked_ce_grad_torch(logits, target, weight, grad if with_grad else torch.empty_like(logits))
+        if inplace and with_grad:
+            torch.autograd.graph.increment_version(logits)  # any other node that saved these logits now fails loudly
         ctx.save_for_backward(grad if grad is not None else loss.new_empty(0))
+        ctx.spent = False
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
+        if ctx.spent:
+            raise RuntimeError("masked_ce keeps one gradient buffer and scales it in place: backward runs once "
+                               "(no retain_graph=True)")
+        ctx.spent = True
         (grad,) = ctx.saved_tensors
-        return grad * dloss[:, None].to(grad.dtype), None, None, None, None
+        return grad.mul_(dloss[:, None].to(grad.dtype)), None, None, None, None, None, None  # no new (N, V)
 
 
-def masked_ce_triton(
-    logits: torch.Tensor,  # (N, V) fp32, fp16 or bf16
-    target: torch.Tensor,  # (N,) int targets
-    weight: torch.Tensor,  # (N,) float weights; 0 skips the row
-    block_size: int | None = None,  # Columns per step (power of two); default up to 4096
-    check: bool = True,  # Check the targets' range and the weights (syncs with the device)
-) -> torch.Tensor:  # (N,) fp32 weight * CE, differentiable in logits
-    "The Triton path of `masked_ce`."
-    return MaskedCEFunction.apply(logits, target, weight, block_size, check)
+def _masked_ce(use_triton: bool):
+    def masked_ce_impl(
+        logits: torch.Tensor,  # (N, V) fp32, fp16 or bf16 (and fp64 on the torch path)
+        target: torch.Tensor,  # (N,) int targets in [0, V) (ignored where weight == 0)
+        weight: torch.Tensor,  # (N,) float weights >= 0; 0 skips the row
+        check: bool = True,  # Check the targets' range and the weights (syncs with the device)
+        inplace: bool = False,  # Overwrite `logits` with their gradient during the forward (see the contract)
+        block_size: int | None = None,  # Columns per kernel step (power of two; Triton only); default up to 4096
+    ) -> torch.Tensor:  # (N,) float32 weight * CE, 0 on skipped rows; differentiable in logits
+        "Weighted masked cross-entropy; with `inplace`, the logits buffer receives the gradient (no second (N, V))."
+        if inplace and logits.requires_grad and torch.is_grad_enabled():
+            _check_inplace(logits)
+        elif not use_triton:  # nothing to overwrite: the readable reference, autograd and all
+            return masked_ce_ref(logits, target, weight, check)
+        return MaskedCEFunction.apply(logits, target, weight, block_size, check, inplace, use_triton)
+    masked_ce_impl.__name__ = masked_ce_impl.__qualname__ = f"masked_ce_{'triton' if use_triton else 'torch'}"
+    return masked_ce_impl
 
 
-masked_ce = KernelOp("masked_ce", masked_ce_ref, masked_ce_triton)
+masked_ce_torch = _masked_ce(False)
+masked_ce_triton = _masked_ce(True)
+masked_ce = KernelOp("masked_ce", masked_ce_torch, masked_ce_triton)
 
 # %% ../../nbs/10a_md4_kernels.ipynb
 LINEAR_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
@@ -196,17 +260,23 @@ def _fused_ref(h, W, y, w, b, chunk_size):
     return fused_linear_masked_ce_ref(h, W, y, w, b)
 
 
+def _masked_ce_inplace(z, y, w, backend=None):
+    "`masked_ce(..., inplace=True)` on logits made by an op (`z * 1`), as the in-place contract requires."
+    return masked_ce(z * 1, y, w, inplace=True, backend=backend)
+
+
 def check_masked_ce(
     device: torch.device,  # Where to check
     shapes: Sequence[tuple[int, int]],  # (N, V) shapes of the masked CE
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16),  # Its dtypes
     rates: Sequence[float] = (0.0, 0.5, 1.0),  # No rows masked, half, all
 ):  # `kernel_check`'s rows for both ops, with `op` and `rate` columns
-    "Both ops, every path that runs on `device`, against their references: values and gradients."
+    "Both ops (and the in-place variant), every path that runs on `device`, against their references."
     import pandas as pd
 
-    frames = [kernel_check(masked_ce, masked_ce_ref, device, shapes, dtypes, ce_inputs(r), seed=k).assign(
-        op="masked_ce", rate=r) for k, r in enumerate(rates)]
+    frames = [kernel_check(op, masked_ce_ref, device, shapes, dtypes, ce_inputs(r), seed=k).assign(op=name, rate=r)
+              for k, r in enumerate(rates)
+              for name, op in (("masked_ce", masked_ce), ("masked_ce inplace", _masked_ce_inplace))]
     frames += [kernel_check(_fused_chunked, _fused_ref, device, [(1, 8), (7, 16)],
                             (torch.float32,), linear_inputs(r, 37), tol=LINEAR_TOL).assign(op="fused_linear", rate=r)
                for r in rates]
@@ -242,15 +312,6 @@ def _check_linear_args(hidden, proj, target, weight, bias, chunk_size):
     _check_ce_args(torch.empty(hidden.shape[0], proj.shape[0], dtype=hidden.dtype, device="meta"), target, weight)
 
 
-def _ce_chunk_torch(logits, target, weight):
-    "Loss (R,) and gradient (R, V) of a chunk of masked rows, in torch (fp32 inside)."
-    logp = F.log_softmax(logits.float(), -1)
-    loss = -weight.float() * logp.gather(1, target[:, None].long()).squeeze(1)
-    grad = logp.exp_()
-    grad[torch.arange(len(target), device=grad.device), target.long()] -= 1
-    return loss, (grad * weight.float()[:, None]).to(logits.dtype)
-
-
 class _FusedLinearMaskedCE(torch.autograd.Function):
     "Gather masked rows, then chunk: logits, loss and gradients per chunk, folded into dh, dW, db at once."
 
@@ -266,11 +327,12 @@ class _FusedLinearMaskedCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, len(rows), chunk_size):
             sl = slice(start, start + chunk_size)
-            logits = F.linear(h[sl], proj, bias)  # (c, V): the only logits that ever exist
-            if use_triton:
-                loss, g = masked_ce_fwd(logits, target[rows[sl]], weight[rows[sl]].detach(), check=False)
+            logits = F.linear(h[sl], proj, bias)  # (c, V): the only logits that ever exist, private to this loop
+            y, w = target[rows[sl]], weight[rows[sl]].detach()
+            if use_triton:  # the gradient overwrites the chunk's logits: no second (c, V) buffer
+                loss, g = masked_ce_fwd(logits, y, w, check=False, inplace=True)
             else:
-                loss, g = _ce_chunk_torch(logits, target[rows[sl]], weight[rows[sl]].detach())
+                loss, g = masked_ce_grad_torch(logits, y, w, out=logits), logits
             total += loss.sum()
             if dh is not None: dh[rows[sl]] = (g @ proj).to(dh.dtype)
             if dW is not None: dW += (g.t() @ h[sl]).float()
@@ -354,18 +416,26 @@ def masked_ce_cases(
     for V in vocab:
         for rate in rates:
             def setup(i, V=V, rate=rate):
-                z, y, w = masked_ce_batch(N, V, rate, i, device, dtype)
-                z.requires_grad_()
-                grad = torch.autograd.grad  # a fresh gradient per call: no accumulation into .grad
-                calls = {"torch full": lambda: grad(full_ce(z, y, w), z),
-                         "masked_ce": lambda: grad(masked_ce(z, y, w, check=False).sum(), z)}  # as in training
-                fn = compiled_once(("ce", V), full_ce, z, y, w)
+                z0, y, w = masked_ce_batch(N, V, rate, i, device, dtype)
+                z0.requires_grad_()
+
+                def call(loss_fn):  # fresh logits from an op (as a projection makes them), then their gradient
+                    def run():
+                        z = z0.clone()  # every path pays this copy; `inplace` may only overwrite such logits
+                        return torch.autograd.grad(loss_fn(z), z)  # a fresh gradient: no accumulation into .grad
+                    return run
+                calls = {"torch full": call(lambda z: full_ce(z, y, w)),
+                         "masked_ce": call(lambda z: masked_ce(z, y, w, check=False).sum()),  # as in training
+                         "masked_ce inplace": call(lambda z: masked_ce(z, y, w, check=False, inplace=True).sum())}
+                fn = compiled_once(("ce", V), full_ce, z0, y, w)
                 if fn is not None:
-                    calls["torch.compile full"] = lambda: grad(fn(z, y, w), z)
+                    calls["torch.compile full"] = call(lambda z: fn(z, y, w))
                 return calls
+            masked_bytes = (rate + 1) * N * V * size
             cases.append(Case(dict(op="masked CE", N=N, V=V, masked=rate, dtype=name), setup,
                               {"torch full": 2 * N * V * size, "torch.compile full": 2 * N * V * size,
-                               "masked_ce": (rate + 1) * N * V * size}, baseline="torch full"))
+                               "masked_ce": masked_bytes, "masked_ce inplace": masked_bytes}, baseline="torch full",
+                              cpu_memory=True))
             if hidden is None:
                 continue
 
@@ -375,6 +445,8 @@ def masked_ce_cases(
                 W = seeded_randn((V, hidden), 1000 + i, device, dtype, scale=hidden ** -0.5).requires_grad_()
                 grad = torch.autograd.grad
                 calls = {"linear, full": lambda: grad(linear_ce(h, W, y, w), (h, W)),
+                         "linear, masked_ce inplace": lambda: grad(masked_ce(h @ W.t(), y, w, check=False,
+                                                                             inplace=True).sum(), (h, W)),
                          "fused linear": lambda: grad(fused_linear_masked_ce(h, W, y, w, chunk_size=chunk_size),
                                                       (h, W))}
                 fn = compiled_once(("linear", V), linear_ce, h, W, y, w)
@@ -382,7 +454,7 @@ def masked_ce_cases(
                     calls["torch.compile linear, full"] = lambda: grad(fn(h, W, y, w), (h, W))
                 return calls
             cases.append(Case(dict(op="linear + CE", N=N, V=V, masked=rate, dtype=name), setup_linear,
-                              baseline="linear, full"))
+                              baseline="linear, full", cpu_memory=True))
     return cases
 
 
