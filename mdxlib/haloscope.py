@@ -5,10 +5,12 @@
 # %% ../nbs/12_haloscope.ipynb 2
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,111 +21,188 @@ from .checks import (check_binary_labels, check_float, check_int, check_k, check
                            check_tensor)
 from .core import data_dir, progress
 from .metrics import auroc
-from .models import last_token_hidden, token_logprobs
+from .models import adapter, capture_residual, token_logprobs
 
 # %% auto 0
-__all__ = ['PROMPT', 'BASELINES', 'format_prompt', 'generate_answers', 'answer_texts', 'last_token_embeddings', 'top_subspace',
-           'project_scores', 'membership_scores', 'TruthClassifier', 'train_classifier', 'HaloScope', 'answer_nll',
-           'perplexity_score', 'ln_entropy_score', 'rouge_l', 'lexical_similarity_score', 'oracle_scores',
-           'load_country_qa', 'normalize_answer', 'alias_match', 'truth_labels', 'stratified_split']
+__all__ = ['PROMPT', 'QUESTION', 'ANSWER_PREFIX', 'ANSWER_END', 'EMBEDDING_POSITIONS', 'BASELINES', 'CORRECT', 'WRONG',
+           'NO_ANSWER', 'format_prompt', 'Generations', 'generate_answers', 'top_subspace', 'project_scores',
+           'membership_scores', 'raw_projection_scores', 'TruthClassifier', 'train_classifier', 'select_subspace',
+           'HaloScope', 'answer_nll', 'perplexity_score', 'ln_entropy_score', 'rouge_l', 'lexical_similarity_score',
+           'oracle_scores', 'probe_scores', 'load_city_qa', 'load_country_names', 'normalize_answer', 'alias_match',
+           'names_in', 'three_way_labels', 'truth_labels', 'stratified_split']
 
 # %% ../nbs/12_haloscope.ipynb
 PROMPT = "Answer the question concisely. Q: {question} A:"
+QUESTION = "In which country is the city of {city}?"  # the one question template of the experiment
+ANSWER_PREFIX = "The city of {city} is located in the country of"  # the start of the assistant's turn
 
 
 def format_prompt(
     tokenizer,  # A Hugging Face tokenizer
     question: str,  # The question
     chat: bool | None = None,  # Wrap in the chat template as the user turn; None: when the tokenizer has one
+    answer_prefix: str = "",  # Text the answer starts with (the model continues it)
 ) -> str:  # The text the model continues
-    "The paper's prompt for `question`, inside the tokenizer's chat template for instruct models."
+    "The paper's prompt for `question`, inside the tokenizer's chat template for instruct models, then `answer_prefix`."
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty string; got {question!r}")
+    if not isinstance(answer_prefix, str):
+        raise TypeError(f"answer_prefix must be a string; got {type(answer_prefix).__name__}")
     text = PROMPT.format(question=question.strip())
     if chat is None:
         chat = getattr(tokenizer, "chat_template", None) is not None
     if not chat:
-        return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+        return f"{text} {answer_prefix}".rstrip() if answer_prefix else text
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                          add_generation_prompt=True)
+    return turn + answer_prefix
+
+# %% ../nbs/12_haloscope.ipynb
+ANSWER_END = re.compile(r"(\w\w[.!?,;:]|\n)\s*$")  # "Nigeria." or "Africa," ends a bare answer; "U.S." does not
+EMBEDDING_POSITIONS = {"last": "last answer token", "eos": "end token appended", "mean": "mean over answer tokens"}
+
+
+@dataclass
+class Generations:
+    "Greedy answers with their hidden states, and seeded sampled answers, from one pass over the prompts."
+    answers: list[str]  # greedy answers, each cut after its first clause
+    answer_ids: list[list[int]]  # their token ids (the end token excluded)
+    truncated: np.ndarray  # (N,) bool: no end of clause within max_new_tokens
+    nll: list[torch.Tensor]  # per greedy answer, the (n_tokens,) NLLs of its tokens
+    emb: dict[str, torch.Tensor]  # "last", "eos", "mean" (EMBEDDING_POSITIONS): (L, N, d) hidden states
+    samples: list[list[list[str]]]  # [seed][m][question] sampled answers
+    sample_nll: list[list[list[torch.Tensor]]]  # same layout: token NLLs
+    sample_truncated: np.ndarray  # (seeds, M, N) bool
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    "Length of the longest common prefix of token lists, leaving every list at least one token."
+    n = min(map(len, seqs)) - 1
+    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), max(n, 0))
+
+
+def _next_tokens(logits, groups, gens, temperature):
+    "Argmax for every row, then a seeded draw for the rows of each (question, seed) group."
+    nxt = logits.argmax(-1)
+    for rows, g in zip(groups, gens):
+        if rows:
+            probs = torch.softmax(logits[rows] / temperature, -1)  # (rows of the group, V)
+            nxt[rows] = torch.multinomial(probs, 1, generator=g)[:, 0]
+    return nxt
+
+# %% ../nbs/12_haloscope.ipynb
+def _prefill(model, suffixes, pre_cache, n_pre, layers, pad_id):
+    "Encode prompt suffixes after the shared prefix: cache, next-token logits, mask, positions, hidden states."
+    dev = next(model.parameters()).device
+    b, width = len(suffixes), max(map(len, suffixes))
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in suffixes], device=dev)  # (b, T) left-padded
+    pad = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=dev)  # (b, T)
+    mask = torch.cat([torch.ones(b, n_pre, dtype=pad.dtype, device=dev), pad], 1)  # (b, n_pre + T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, n_pre:]  # positions count real tokens only
+    cache = None
+    if pre_cache is not None:
+        cache = copy.deepcopy(pre_cache)
+        cache.batch_repeat_interleave(b)
+    with capture_residual(model, layers) as rec:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        h = torch.stack([rec[l][:, -1] for l in layers]).float().cpu()  # (L, b, d) at the prompt's last token
+    return out.cache, out.logits[:, -1].float(), mask, pos[:, -1:], h
 
 # %% ../nbs/12_haloscope.ipynb
 @torch.no_grad()
 def generate_answers(
-    model,  # A causal LM
-    tokenizer,  # Its tokenizer (needs a pad token)
-    questions: list[str],  # The questions
-    max_new_tokens: int = 16,  # Answer length limit (the paper: 64)
-    batch_size: int = 16,  # Questions per `generate` call
-    do_sample: bool = False,  # Greedy (the paper's answers) or sampling (for the baselines)
-    temperature: float = 1.0,  # Sampling temperature (ignored when greedy)
-    seed: int = 0,  # Seeds the sampling (global RNG state is restored afterwards)
-    chat: bool | None = None,  # See `format_prompt`
+    model,  # A causal LM `mdxlib.models.adapter` knows
+    tokenizer,  # Its tokenizer (needs a pad and an eos token)
+    prompts: list[str],  # Formatted prompts (`format_prompt`)
+    max_new_tokens: int = 12,  # Most answer tokens; an answer without an end of clause by then is truncated
+    n_samples: int = 0,  # Sampled answers per prompt and seed (for the entropy and consistency baselines)
+    seeds=(0,),  # Generation seeds of the samples: each gives `n_samples` answers per prompt
+    temperature: float = 0.7,  # Sampling temperature
+    batch_size: int = 16,  # Prompts per prefill (each carries 1 + len(seeds) * n_samples continuations)
+    layers=None,  # Hidden-state layers to keep, indices in [0, n_layers]; default all
     desc: str = "generate",  # Progress-bar label
-    return_nll: bool = False,  # Also return each answer's token NLLs under the model (from the generation's raw logits)
-):  # answers (stripped, cut at the first blank line), and with `return_nll` a list of (n_tokens,) NLL tensors
-    "Answer each question with the paper's prompt, in left-padded batches, with a progress bar."
-    questions = check_strings(questions, "questions")
+) -> Generations:
+    "Greedy answers (stopped at the first clause end), their hidden states and seeded samples, sharing one prefill."
+    prompts = check_strings(prompts, "prompts")
     max_new_tokens = check_positive(max_new_tokens, "max_new_tokens")
-    batch_size = check_positive(batch_size, "batch_size")
-    if do_sample:
+    batch_size, n_samples = check_positive(batch_size, "batch_size"), check_int(n_samples, "n_samples", 0)
+    seeds = [check_int(s, "seeds", 0) for s in seeds]
+    if n_samples:
         temperature = check_float(temperature, "temperature", 0, low_open=True)
-    if tokenizer.pad_token is None:
-        raise ValueError("tokenizer has no pad_token: set tokenizer.pad_token = tokenizer.eos_token")
-    prompts = [format_prompt(tokenizer, q, chat) for q in questions]
-    dev = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues from the right edge
-    answers, nlls = [], []
-    stop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
-    try:
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for i in progress(range(0, len(prompts), batch_size), desc=desc):
-                batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                                  add_special_tokens=False)
-                batch = {k: v.to(dev) for k, v in batch.items()}
-                kw = (dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if do_sample
-                      else dict(do_sample=False))
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     output_logits=return_nll, return_dict_in_generate=True, **kw)
-                new = out.sequences[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
-                answers += [re.split(r"\n\s*\n", a.strip())[0].strip()
-                            for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
-                if return_nll:
-                    logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)  # (B, new tokens, V)
-                    tok_nll = -logp.gather(2, new[..., None]).squeeze(-1).cpu()  # (B, new tokens)
-                    for r, ids in enumerate(new.tolist()):
-                        n = next((t for t, i in enumerate(ids) if i in stop), len(ids))
-                        nlls.append(tok_nll[r, :max(n, 1)])  # an empty answer: the NLL of stopping at once
-    finally:
-        tokenizer.padding_side = side
-    return (answers, nlls) if return_nll else answers
-
-# %% ../nbs/12_haloscope.ipynb
-def answer_texts(
-    tokenizer,  # The tokenizer the answers were generated with
-    questions: list[str],  # The questions
-    answers: list[str],  # One answer per question
-    chat: bool | None = None,  # See `format_prompt`
-) -> list[str]:  # prompt + answer, the texts HaloScope embeds
-    "The full text of each answered prompt."
-    questions, answers = check_strings(questions, "questions"), list(answers)
-    if len(answers) != len(questions) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"answers must be {len(questions)} strings, one per question")
-    return [format_prompt(tokenizer, q, chat) + a for q, a in zip(questions, answers)]
-
-
-def last_token_embeddings(
-    model,  # A Llama-style or GPT-2 causal LM
-    tokenizer,  # Its tokenizer (needs a pad token)
-    texts: list[str],  # The texts (prompt + answer)
-    layers=None,  # Layer indices in [0, n_layers] (0: embeddings); default all
-    batch_size: int = 8,  # Texts per forward pass
-) -> torch.Tensor:  # (L, N, d) float32 on the CPU
-    "The hidden state of each text's last token at each requested layer, independent of batching and padding side."
-    texts, batch_size = check_strings(texts, "texts"), check_positive(batch_size, "batch_size")
-    emb = last_token_hidden(model, texts, tokenizer, layers=layers, batch_size=batch_size)  # (L, N, d)
-    return emb.float().cpu()
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer needs a pad_token and an eos_token")
+    a, dev, eos = adapter(model), next(model.parameters()).device, tokenizer.eos_token_id
+    layers = list(range(a.n_layers + 1)) if layers is None else sorted(set(layers))
+    n, r = len(prompts), 1 + len(seeds) * n_samples  # rows per prompt: greedy, then seed-major samples
+    toks, nlls = [[[] for _ in range(r)] for _ in range(n)], [[[] for _ in range(r)] for _ in range(n)]
+    trunc = np.zeros((n, r), dtype=bool)
+    emb = {k: torch.zeros(len(layers), n, a.d_model) for k in EMBEDDING_POSITIONS}
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    n_pre = _common_prefix(enc)  # the shared system turn and instruction are encoded once
+    pre_cache = (model(input_ids=torch.tensor([enc[0][:n_pre]], device=dev), use_cache=True).cache
+                 if n_pre else None)
+    for i0 in progress(range(0, n, batch_size), desc=desc):
+        suffixes = [e[n_pre:] for e in enc[i0:i0 + batch_size]]
+        b = len(suffixes)
+        cache, logits, mask, pos, last = _prefill(model, suffixes, pre_cache, n_pre, layers, tokenizer.pad_token_id)
+        total, n_ans = torch.zeros_like(last), np.zeros(b, dtype=int)  # running sum over answer tokens
+        cache.batch_repeat_interleave(r)
+        logits, mask, pos = logits.repeat_interleave(r, 0), mask.repeat_interleave(r, 0), pos.repeat_interleave(r, 0)
+        alive = list(range(b * r))  # the expanded rows j * r + k still in the cache
+        done, eos_fed = np.zeros((b, r), dtype=bool), np.zeros(b, dtype=bool)
+        gens = [torch.Generator().manual_seed(1_000_003 * s + i0 + j) for j in range(b) for s in seeds]
+        starts = [(j, 1 + si * n_samples) for j in range(b) for si in range(len(seeds))]
+        while alive:
+            groups = [[i for i, x in enumerate(alive) if x // r == j and k0 <= x % r < k0 + n_samples]
+                      for j, k0 in starts]
+            nxt, logp = _next_tokens(logits, groups, gens, temperature), torch.log_softmax(logits, -1)
+            feed, keep = [], []
+            for i, x in enumerate(alive):
+                j, k = divmod(x, r)
+                t = eos if done[j, k] else int(nxt[i])  # a finished greedy answer is followed by the end token
+                if not done[j, k] and t == eos:
+                    done[j, k] = True
+                    if not toks[i0 + j][k]:  # an empty answer: its NLL is that of stopping at once
+                        nlls[i0 + j][k].append(-float(logp[i, t]))
+                elif not done[j, k]:
+                    toks[i0 + j][k].append(t)
+                    nlls[i0 + j][k].append(-float(logp[i, t]))
+                    if ANSWER_END.search(tokenizer.decode(toks[i0 + j][k])):
+                        done[j, k] = True
+                    elif len(toks[i0 + j][k]) >= max_new_tokens:
+                        done[j, k] = trunc[i0 + j, k] = True
+                if (k == 0 and not eos_fed[j]) or not done[j, k]:  # still needs a forward pass
+                    feed.append(t), keep.append(i)
+            if not keep:
+                break
+            if len(keep) < len(alive):  # finished rows leave the batch
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, pos, alive = mask[sel], pos[sel], [alive[i] for i in keep]
+            mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos + 1
+            greedy = [i for i, x in enumerate(alive) if x % r == 0]
+            with capture_residual(model, layers) as rec:
+                out = model(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask, position_ids=pos,
+                            cache=cache, use_cache=True)
+                h = torch.stack([rec[l][greedy, -1] for l in layers]).float().cpu()  # (L, greedy rows, d)
+            cache, logits = out.cache, out.logits[:, -1].float()
+            for gi, i in enumerate(greedy):
+                j = alive[i] // r
+                if feed[i] == eos and done[j, 0]:
+                    emb["eos"][:, i0 + j], eos_fed[j] = h[:, gi], True
+                else:
+                    last[:, j], total[:, j], n_ans[j] = h[:, gi], total[:, j] + h[:, gi], n_ans[j] + 1
+        emb["last"][:, i0:i0 + b] = last
+        emb["mean"][:, i0:i0 + b] = torch.where(torch.as_tensor(n_ans > 0)[None, :, None],
+                                                total / torch.as_tensor(np.maximum(n_ans, 1)).float()[None, :, None],
+                                                last)  # an empty answer: the prompt's last token
+    text = [[tokenizer.decode(toks[i][k]).strip() for k in range(r)] for i in range(n)]
+    nll = [[torch.tensor(nlls[i][k]) for k in range(r)] for i in range(n)]
+    def per_seed(x): return [[[x[i][1 + si * n_samples + m] for i in range(n)] for m in range(n_samples)]
+                             for si in range(len(seeds))]
+    return Generations(answers=[t[0] for t in text], answer_ids=[t[0] for t in toks], truncated=trunc[:, 0],
+                       nll=[x[0] for x in nll], emb=emb, samples=per_seed(text), sample_nll=per_seed(nll),
+                       sample_truncated=trunc[:, 1:].T.reshape(len(seeds), n_samples, n))
 
 # %% ../nbs/12_haloscope.ipynb
 def _embeddings(emb, name: str = "emb", ndim: int = 2) -> torch.Tensor:
@@ -133,14 +212,13 @@ def _embeddings(emb, name: str = "emb", ndim: int = 2) -> torch.Tensor:
 
 def top_subspace(
     emb,  # (N, d) embeddings
-    k: int,  # Number of singular directions
-    center: bool = True,  # Subtract the mean first (the paper); False: the official code
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean (d,) (zeros if not centred), s (k,), V (k, d)
-    "The top-`k` singular values and right singular vectors of the (centred) embeddings, signs made deterministic."
+    k: int,  # Number of singular directions, 1 <= k <= min(N, d)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean (d,), s (k,), V (k, d)
+    "Mean, top-`k` singular values and right singular vectors of the centred embeddings (eq. 1), signs as sklearn's."
     f = _embeddings(emb)
-    k = check_k(k, min(f.shape), "k")  # at most min(N, d) directions
-    mu = f.mean(0) if center else torch.zeros(f.shape[1], dtype=f.dtype)
-    _, s, vh = torch.linalg.svd(f - mu, full_matrices=False)  # vh: (min(N, d), d)
+    k = check_k(k, min(f.shape), "k")
+    mu = f.mean(0)
+    _, s, vh = torch.linalg.svd(f - mu, full_matrices=False)  # Eq. 1; vh: (min(N, d), d)
     v = vh[:k]
     v = v * torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))  # largest entry positive, like sklearn's svd_flip
     return mu, s[:k], v
@@ -152,27 +230,34 @@ def project_scores(
     s: torch.Tensor,  # (k,) singular values
     v: torch.Tensor,  # (k, d) singular vectors
     weighted: bool = True,  # Weight direction j by s_j
-    signed: bool = False,  # |mean_j s_j <f - mu, v_j>| (official code) instead of eq. (2)'s squares
+    raw: bool = False,  # Eq. 2': |mean_j s_j <f, v_j>| on the uncentred features (the official code)
 ) -> torch.Tensor:  # (N,) float64
-    "Membership scores of `emb` on a subspace fitted elsewhere (e.g. the wild data's)."
+    "Membership scores of `emb` on a subspace fitted elsewhere (e.g. the wild data's): eq. 2, or eq. 2' with `raw`."
     f = _embeddings(emb)
     if f.shape[1] != v.shape[1]:
         raise ValueError(f"emb has dimension {f.shape[1]} but the subspace has {v.shape[1]}")
-    proj = (f - mu) @ v.T  # (N, k)
     w = s if weighted else torch.ones_like(s)
-    return (proj * w).mean(1).abs() if signed else (proj.square() * w).mean(1)
+    if raw:
+        return ((f @ v.T) * w).mean(1).abs()  # Eq. 2': raw features on the centred data's directions
+    return ((f - mu) @ v.T).square().mul(w).mean(1)  # Eq. 2: (1/k) sum_j s_j <f - f_bar, v_j>^2
 
-
+# %% ../nbs/12_haloscope.ipynb
 def membership_scores(
     emb,  # (N, d) embeddings of the wild answers
     k: int,  # Number of singular directions, 1 <= k <= min(N, d)
     weighted: bool = True,  # Weight direction j by its singular value s_j (eq. 2)
-    center: bool = True,  # Centre before the SVD (eq. 1); False: the official code's uncentred PCA
-    signed: bool = False,  # Score |(1/k) sum_j s_j <f_i, v_j>| as the official code does
 ) -> torch.Tensor:  # (N,) float64 scores
-    "The paper's membership score zeta_i = (1/k) sum_{j<=k} s_j <f_i - f_bar, v_j>^2 (eq. 2), or the official variant."
-    mu, s, v = top_subspace(emb, k, center)
-    return project_scores(emb, mu, s, v, weighted, signed)
+    "The paper's membership score zeta_i = (1/k) sum_{j<=k} s_j <f_i - f_bar, v_j>^2 (eq. 2)."
+    return project_scores(emb, *top_subspace(emb, k), weighted=weighted)
+
+
+def raw_projection_scores(
+    emb,  # (N, d) embeddings of the wild answers
+    k: int,  # Number of principal directions, 1 <= k <= min(N, d)
+    weighted: bool = True,  # Weight direction j by its singular value s_j
+) -> torch.Tensor:  # (N,) float64 scores
+    "The official code's score |(1/k) sum_j s_j <f_i, v_j>| (eq. 2'): PCA directions of the centred data, raw features."
+    return project_scores(emb, *top_subspace(emb, k), weighted=weighted, raw=True)
 
 # %% ../nbs/12_haloscope.ipynb
 class TruthClassifier(nn.Module):
@@ -238,18 +323,40 @@ def train_classifier(
     return clf.eval()
 
 # %% ../nbs/12_haloscope.ipynb
+def select_subspace(
+    wild,  # (L, N, d) wild embeddings
+    val,  # (L, M, d) validation embeddings
+    val_labels,  # (M,) 1 truthful, 0 hallucinated
+    ks,  # Candidate subspace sizes
+    layers=None,  # Candidate layer indices in [0, L); default all
+    weighted: bool = True,  # Weight by singular values
+    raw: bool = False,  # Eq. 2' instead of eq. 2
+) -> list[dict]:  # per (layer, k): layer, k, val_auroc (of the oriented score), sign (+1: large score = truthful)
+    "Validation AUROC of the membership score for every candidate layer and k, oriented on validation."
+    wild, val = _embeddings(wild, "wild", ndim=3), _embeddings(val, "val", ndim=3)
+    y = check_binary_labels(val_labels, "val_labels", n=val.shape[1])
+    layers = range(len(wild)) if layers is None else layers
+    rows = []
+    for l in layers:
+        mu, s_all, v_all = top_subspace(wild[l], max(ks))  # one SVD per layer
+        for k in ks:
+            auc = auroc(y, project_scores(val[l], mu, s_all[:k], v_all[:k], weighted, raw))
+            rows.append(dict(layer=l, k=k, val_auroc=max(auc, 1 - auc), sign=1.0 if auc >= 0.5 else -1.0))
+    return rows
+
+# %% ../nbs/12_haloscope.ipynb
 class HaloScope:
     "Hallucination detector trained on unlabelled answers: membership score -> pseudo-labels -> classifier."
 
     def __init__(
         self,
         k: int | None = None,  # Subspace size; None: choose from `ks` on validation
-        layer: int | None = None,  # Layer index into (L, N, d) inputs; None: choose on validation
+        layer: int | None = None,  # Layer index into (L, N, d) inputs; None: choose among `layers` on validation
+        layers=None,  # Candidate layer indices for the validation search; None: all
         ks=(1, 2, 3, 4, 5, 6, 8, 10),  # Candidate k
         percentiles=(10, 20, 30, 40, 50, 60, 70, 80, 90),  # Candidate thresholds T (percentiles of the wild scores)
         weighted: bool = True,  # Weight by singular values (eq. 2)
-        center: bool = True,  # Centre before the SVD (eq. 1); False: the official code
-        signed: bool = False,  # Official code's signed projection instead of squares
+        raw: bool = False,  # Score with eq. 2' (the official code) instead of eq. 2
         default_k: int = 5,  # k without validation data
         default_percentile: float = 50,  # T without validation data
         classifier: dict | None = None,  # Keyword arguments for `train_classifier` (hidden, epochs, lr, ...)
@@ -261,8 +368,10 @@ class HaloScope:
             raise ValueError(f"ks must be positive integers; got {ks!r}")
         if not percentiles or not all(0 < p < 100 for p in percentiles):
             raise ValueError(f"percentiles must lie in (0, 100); got {percentiles!r}")
-        self.k, self.layer, self.ks, self.percentiles = k, layer, tuple(ks), tuple(percentiles)
-        self.weighted, self.center, self.signed = weighted, center, signed
+        if layers is not None and (isinstance(layers, (str, int)) or not len(layers)):
+            raise ValueError(f"layers must be a non-empty list of layer indices; got {layers!r}")
+        self.k, self.layer, self.layers, self.ks, self.percentiles = k, layer, layers, tuple(ks), tuple(percentiles)
+        self.weighted, self.raw = weighted, raw
         self.default_k, self.default_percentile = default_k, default_percentile
         self.classifier_kw, self.seed = dict(classifier or {}), seed
 
@@ -271,101 +380,104 @@ class HaloScope:
         emb = check_tensor(emb, name, ndim=(2, 3))
         return _embeddings(emb[None] if emb.ndim == 2 else emb, name, ndim=3)
 
+    def _candidates(self, n_layers: int) -> list[int]:
+        cand = [self.layer] if self.layer is not None else list(self.layers or range(n_layers))
+        bad = [l for l in cand if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 0 <= l < n_layers]
+        if bad:
+            raise ValueError(f"layer and layers must be indices in [0, {n_layers}); got {bad}")
+        return [int(l) for l in cand]
+
     def _scores(self, f, mu, s, v, sign):
-        return sign * project_scores(f, mu, s, v, self.weighted, self.signed)
+        return sign * project_scores(f, mu, s, v, self.weighted, self.raw)
 
-    def fit(
-        self,
-        wild_emb,  # (N, d) or (L, N, d) embeddings of unlabelled answers
-        val_emb=None,  # (M, d) or (L, M, d) embeddings of labelled validation answers
-        val_labels=None,  # (M,) 1 truthful, 0 hallucinated
-    ) -> HaloScope:
-        "Choose layer, k, orientation and T on validation only; pseudo-label the wild data; train the classifier."
-        wild = self._layers(wild_emb, "wild_emb")
-        L, n, d = wild.shape
-        self.n_layers_in_ = L if torch.as_tensor(wild_emb).ndim == 3 else None
-        layers = [self.layer] if self.layer is not None else list(range(L))
-        if self.layer is not None and not 0 <= self.layer < L:
-            raise ValueError(f"layer must be in [0, {L}); got {self.layer}")
-        ks = [self.k] if self.k is not None else [k for k in self.ks if k <= min(n, d)]
-        if self.k is not None:
-            check_k(self.k, min(n, d), "k")
-        self.selection_ = []
-        if val_emb is None and val_labels is None:
-            self.layer_ = layers[len(layers) // 2] if self.layer is None else self.layer
-            self.k_ = self.k or min(self.default_k, n, d)
-            self.sign_ = -1.0  # large zeta = hallucinated: orient so that higher = truthful
-            self.mu_, self.s_, self.v_ = top_subspace(wild[self.layer_], self.k_, self.center)
-            self.percentile_ = self.default_percentile
-            self.val_auroc_ = None
-        elif val_emb is None or val_labels is None:
-            raise ValueError("val_emb and val_labels must be given together")
-        else:
-            val = self._layers(val_emb, "val_emb")
-            if val.shape[0] != L or val.shape[2] != d:
-                raise ValueError(f"val_emb must have {L} layers of dimension {d} like wild_emb; got {tuple(val.shape)}")
-            y = check_binary_labels(val_labels, "val_labels", n=val.shape[1])
-            best = None
-            for l in layers:
-                mu, s_all, v_all = top_subspace(wild[l], max(ks), self.center)  # one SVD per layer
-                for k in ks:
-                    s, v = s_all[:k], v_all[:k]
-                    auc = auroc(y, project_scores(val[l], mu, s, v, self.weighted, self.signed))
-                    sign = 1.0 if auc >= 0.5 else -1.0
-                    self.selection_.append(dict(layer=l, k=k, val_auroc=max(auc, 1 - auc), sign=sign))
-                    if best is None or max(auc, 1 - auc) > best[0]:
-                        best = (max(auc, 1 - auc), l, k, sign, (mu, s, v))
-            self.score_val_auroc_, self.layer_, self.k_, self.sign_, (self.mu_, self.s_, self.v_) = best
-        f = wild[self.layer_]
-        zeta = self._scores(f, self.mu_, self.s_, self.v_, self.sign_).numpy()  # higher = truthful
-        candidates = [self.percentile_] if val_emb is None else list(self.percentiles)
-        best = None
-        for p in candidates:
-            pseudo = (zeta > np.percentile(zeta, p)).astype(np.int64)  # 1: candidate truthful
-            if pseudo.min() == pseudo.max():
-                continue
-            clf = train_classifier(f, pseudo, seed=self.seed, **self.classifier_kw)
-            auc = None if val_emb is None else auroc(y, clf.score(val[self.layer_]))
-            if val_emb is not None:
-                self.selection_.append(dict(layer=self.layer_, k=self.k_, percentile=p, val_auroc=auc))
-            if best is None or (auc is not None and auc > best[0]):
-                best = (auc, p, clf, pseudo)
-        if best is None:
-            raise ValueError("no threshold splits the wild scores into two groups: are the wild embeddings all equal?")
-        self.val_auroc_, self.percentile_, self.classifier_, self.pseudo_labels_ = best
-        return self
+# %% ../nbs/12_haloscope.ipynb
+def _fit(
+    self: HaloScope,
+    wild_emb,  # (N, d) or (L, N, d) embeddings of unlabelled answers
+    val_emb=None,  # (M, d) or (L, M, d) embeddings of labelled validation answers
+    val_labels=None,  # (M,) 1 truthful, 0 hallucinated
+) -> HaloScope:
+    "Choose layer, k, orientation and T on validation only; pseudo-label the wild data; train the classifier."
+    wild = self._layers(wild_emb, "wild_emb")
+    L, n, d = wild.shape
+    self.n_layers_in_ = L if torch.as_tensor(wild_emb).ndim == 3 else None
+    cand = self._candidates(L)
+    ks = [check_k(self.k, min(n, d), "k")] if self.k is not None else [k for k in self.ks if k <= min(n, d)]
+    self.selection_, self.thresholds_ = [], []
+    if (val_emb is None) != (val_labels is None):
+        raise ValueError("val_emb and val_labels must be given together")
+    if val_emb is None:
+        self.layer_, self.k_ = cand[len(cand) // 2], self.k or min(self.default_k, n, d)
+        self.sign_, self.score_val_auroc_ = -1.0, None  # large zeta = hallucinated: higher = truthful after the sign
+    else:
+        val = self._layers(val_emb, "val_emb")
+        if val.shape[0] != L or val.shape[2] != d:
+            raise ValueError(f"val_emb must have {L} layers of dimension {d} like wild_emb; got {tuple(val.shape)}")
+        y = check_binary_labels(val_labels, "val_labels", n=val.shape[1])
+        self.selection_ = select_subspace(wild, val, y, ks, cand, self.weighted, self.raw)
+        best = max(self.selection_, key=lambda r: r["val_auroc"])
+        self.layer_, self.k_, self.sign_ = best["layer"], best["k"], best["sign"]
+        self.score_val_auroc_ = best["val_auroc"]
+    f = wild[self.layer_]
+    self.mu_, self.s_, self.v_ = top_subspace(f, self.k_)
+    zeta = self._scores(f, self.mu_, self.s_, self.v_, self.sign_).numpy()  # higher = truthful
+    best = None
+    for p in ([self.default_percentile] if val_emb is None else self.percentiles):
+        pseudo = (zeta > np.percentile(zeta, p)).astype(np.int64)  # 1: candidate truthful
+        if pseudo.min() == pseudo.max():
+            continue
+        clf = train_classifier(f, pseudo, seed=self.seed, **self.classifier_kw)
+        auc = None if val_emb is None else auroc(y, clf.score(val[self.layer_]))
+        self.thresholds_.append(dict(percentile=p, val_auroc=auc))
+        if best is None or (auc is not None and auc > best[0]):
+            best = (auc, p, clf, pseudo)
+    if best is None:
+        raise ValueError("no threshold splits the wild scores into two groups: are the wild embeddings all equal?")
+    self.val_auroc_, self.percentile_, self.classifier_, self.pseudo_labels_ = best
+    return self
 
-    def _at_layer(self, emb, name="emb"):
-        if not hasattr(self, "classifier_"):
-            raise RuntimeError("HaloScope is not fitted: call fit(wild_emb, ...) first")
-        f = self._layers(emb, name)
-        if (torch.as_tensor(emb).ndim == 3) != (self.n_layers_in_ is not None):
-            raise ValueError(f"{name} must have the same number of dimensions as the wild embeddings given to fit")
-        f = f[self.layer_ if self.n_layers_in_ is not None else 0]
-        if f.shape[1] != self.v_.shape[1]:
-            raise ValueError(f"{name} has dimension {f.shape[1]}; fit saw {self.v_.shape[1]}")
-        return f
 
-    def membership(
-        self,
-        emb,  # (N, d) or (L, N, d), like the wild data
-    ) -> torch.Tensor:  # (N,) float64, higher = more likely truthful
-        "The membership score alone (HaloScope score-only), oriented so that higher means truthful."
-        return self._scores(self._at_layer(emb), self.mu_, self.s_, self.v_, self.sign_)
+HaloScope.fit = _fit
 
-    def score(
-        self,
-        emb,  # (N, d) or (L, N, d), like the wild data
-    ) -> torch.Tensor:  # (N,) in (0, 1), higher = more likely truthful
-        "Truthfulness scores sigmoid(g(f)) of the trained classifier."
-        f = self._at_layer(emb)
-        return self.classifier_.score(f)
+# %% ../nbs/12_haloscope.ipynb
+def _at_layer(self: HaloScope, emb, name="emb"):
+    if not hasattr(self, "classifier_"):
+        raise RuntimeError("HaloScope is not fitted: call fit(wild_emb, ...) first")
+    f = self._layers(emb, name)
+    if (torch.as_tensor(emb).ndim == 3) != (self.n_layers_in_ is not None):
+        raise ValueError(f"{name} must have the same number of dimensions as the wild embeddings given to fit")
+    f = f[self.layer_ if self.n_layers_in_ is not None else 0]
+    if f.shape[1] != self.v_.shape[1]:
+        raise ValueError(f"{name} has dimension {f.shape[1]}; fit saw {self.v_.shape[1]}")
+    return f
 
-    def __repr__(self):
-        if not hasattr(self, "classifier_"):
-            return "HaloScope(unfitted)"
-        return (f"HaloScope(layer={self.layer_}, k={self.k_}, percentile={self.percentile_}, "
-                f"orientation={'large zeta = truthful' if self.sign_ > 0 else 'large zeta = hallucinated'})")
+
+def _membership(
+    self: HaloScope,
+    emb,  # (N, d) or (L, N, d), like the wild data
+) -> torch.Tensor:  # (N,) float64, higher = more likely truthful
+    "The membership score alone (HaloScope score-only), oriented so that higher means truthful."
+    return self._scores(self._at_layer(emb), self.mu_, self.s_, self.v_, self.sign_)
+
+
+def _score(
+    self: HaloScope,
+    emb,  # (N, d) or (L, N, d), like the wild data
+) -> torch.Tensor:  # (N,) in (0, 1), higher = more likely truthful
+    "Truthfulness scores sigmoid(g(f)) of the trained classifier."
+    f = self._at_layer(emb)  # checks that fit ran
+    return self.classifier_.score(f)
+
+
+def _repr(self: HaloScope) -> str:
+    if not hasattr(self, "classifier_"):
+        return "HaloScope(unfitted)"
+    return (f"HaloScope(layer={self.layer_}, k={self.k_}, percentile={self.percentile_}, "
+            f"score={'raw (eq. 2prime)' if self.raw else 'eq. 2'}, "
+            f"orientation={'large score = truthful' if self.sign_ > 0 else 'large score = hallucinated'})")
+
+
+HaloScope._at_layer, HaloScope.membership, HaloScope.score, HaloScope.__repr__ = _at_layer, _membership, _score, _repr
 
 # %% ../nbs/12_haloscope.ipynb
 def answer_nll(
@@ -419,8 +531,6 @@ def ln_entropy_score(
     nll = answer_nll(model, tokenizer, flat_p, [a for s in samples for a in s], batch_size)
     return -torch.stack([x.mean() for x in nll]).view(len(prompts), m).mean(1)
 
-
-
 # %% ../nbs/12_haloscope.ipynb
 def rouge_l(
     prediction: str,  # A generated answer
@@ -469,21 +579,36 @@ def oracle_scores(
     "The supervised oracle: the classifier g trained on true labels instead of pseudo-labels."
     return train_classifier(train_emb, train_labels, **classifier_kw).score(test_emb)
 
+
+def probe_scores(
+    train_emb,  # (N, d) embeddings with known truth
+    train_labels,  # (N,) true labels, 1 truthful
+    test_emb,  # (M, d) embeddings to score
+    C: float = 0.05,  # Inverse L2 strength of scikit-learn's LogisticRegression
+) -> np.ndarray:  # (M,) probability of truthful
+    "A supervised linear probe: logistic regression on standardised embeddings."
+    from sklearn.linear_model import LogisticRegression
+    x, t = _embeddings(train_emb, "train_emb").numpy(), _embeddings(test_emb, "test_emb").numpy()
+    y = check_binary_labels(train_labels, "train_labels", n=len(x))
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=check_float(C, "C", 0, low_open=True), max_iter=500).fit((x - mu) / sd, y)
+    return clf.predict_proba((t - mu) / sd)[:, 1]
+
 # %% ../nbs/12_haloscope.ipynb
-def load_country_qa(
-    kinds=None,  # "capital", "continent" or a list of them; default both
-    path: str | Path | None = None,  # Default `data_dir()/haloscope/country_qa.jsonl`
-) -> list[dict]:  # rows with id, country, kind, question, answer, aliases
-    "The shipped factual QA set of country capitals and continents."
-    path = Path(path) if path else data_dir() / "haloscope" / "country_qa.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    all_kinds = sorted({r["kind"] for r in rows})
-    if kinds is not None:
-        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-        if not set(kinds) <= set(all_kinds):
-            raise ValueError(f"kinds must be among {all_kinds}; got {kinds!r}")
-        rows = [r for r in rows if r["kind"] in kinds]
-    return rows
+def load_city_qa(
+    path: str | Path | None = None,  # Default `data_dir()/haloscope/city_qa.jsonl`
+) -> list[dict]:  # rows with id, city, iso (the country's ISO 3166 code), country, population
+    "The shipped single-template QA set: in which country is each city?"
+    path = Path(path) if path else data_dir() / "haloscope" / "city_qa.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_country_names(
+    path: str | Path | None = None,  # Default `data_dir()/haloscope/countries.json`
+) -> dict[str, list[str]]:  # ISO code -> accepted names
+    "Every country's accepted names, for the labeller."
+    path = Path(path) if path else data_dir() / "haloscope" / "countries.json"
+    return {iso: c["aliases"] for iso, c in json.loads(path.read_text(encoding="utf-8")).items()}
 
 
 def normalize_answer(
@@ -507,14 +632,69 @@ def alias_match(
     text = f" {normalize_answer(answer)} "
     return any(f" {normalize_answer(a)} " in text for a in aliases if normalize_answer(a))
 
+# %% ../nbs/12_haloscope.ipynb
+CORRECT, WRONG, NO_ANSWER = 1, 0, -1
 
+
+def _name_table(names: dict[str, list[str]]) -> dict[tuple, set]:
+    "Normalised name (as a word tuple) -> the entities it names ('congo': both Congos)."
+    if not isinstance(names, dict) or not names:
+        raise TypeError("names must be a non-empty dict of entity id -> list of names")
+    table: dict[tuple, set] = {}
+    for e, aliases in names.items():
+        for a in aliases:
+            if normalize_answer(a):
+                table.setdefault(tuple(normalize_answer(a).split()), set()).add(e)
+    return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))  # longest names first
+
+
+def _named(answer: str, table: dict[tuple, set]) -> set[str]:
+    words = normalize_answer(answer).split()
+    taken, found = [False] * len(words), set()
+    for alias, ents in table.items():
+        for i in range(len(words) - len(alias) + 1):
+            if tuple(words[i:i + len(alias)]) == alias and not any(taken[i:i + len(alias)]):
+                found |= ents
+                taken[i:i + len(alias)] = [True] * len(alias)
+    return found
+
+
+def names_in(
+    answer: str,  # A generated answer
+    names: dict[str, list[str]],  # Entity id -> accepted names (e.g. `load_country_names()`)
+) -> set[str]:  # ids of the entities the answer names
+    "Entities named in `answer`: whole-word matches, longest names first, each stretch of text used once."
+    return _named(answer, _name_table(names))
+
+
+def three_way_labels(
+    answers: list[str],  # Generated answers
+    truth: list[str],  # The right entity id per answer (a key of `names`)
+    names: dict[str, list[str]],  # Entity id -> accepted names
+) -> np.ndarray:  # (N,) int: CORRECT (1), WRONG (0) or NO_ANSWER (-1)
+    "Correct if the answer names the right entity, wrong if it names only others, no answer if it names none."
+    answers = check_strings(answers, "answers", nonempty=False)
+    if not isinstance(names, dict):
+        raise TypeError("names must be a dict of entity id -> list of names")
+    if isinstance(truth, str) or len(truth) != len(answers):
+        raise ValueError(f"truth must hold one entity id per answer ({len(answers)})")
+    unknown = sorted({t for t in truth if t not in names})
+    if unknown:
+        raise ValueError(f"truth holds ids that names lacks: {unknown[:5]}")
+    table, out = _name_table(names), []
+    for a, t in zip(answers, truth):
+        found = _named(a, table)
+        out.append(CORRECT if t in found else WRONG if found else NO_ANSWER)
+    return np.array(out, dtype=np.int64)
+
+# %% ../nbs/12_haloscope.ipynb
 def truth_labels(
     answers: list[str],  # Generated answers
     aliases: list[list[str]],  # Accepted answers per question
     method: str = "match",  # "match" (alias containment) or "rouge" (ROUGE-L F1 > threshold, the paper's rule)
     threshold: float = 0.5,  # ROUGE-L threshold
 ) -> torch.Tensor:  # (N,) long, 1 truthful, 0 hallucinated
-    "Ground-truth labels of the answers, for evaluation only."
+    "Binary ground-truth labels of free-form answers, for evaluation only."
     answers = list(answers)
     if len(aliases) != len(answers):
         raise ValueError(f"aliases must hold one list per answer ({len(answers)}); got {len(aliases)}")
