@@ -18,11 +18,12 @@ from .data import random_batches
 from .kernels.lte import ACTS, sparse_ffn
 from .checks import check_choice, check_float, check_int, check_k, check_positive, check_tensor
 from .models import LMAdapter, MLPParts, adapter, weight_view
-from .train import History, TrainConfig, train
+from .train import History, TrainConfig, evaluate_lm, train
 
 # %% auto 0
 __all__ = ['GROUPINGS', 'ROUTINGS', 'ROUTERS', 'SEP_EPS', 'group_neurons', 'LTEMLP', 'lte_layers', 'to_lte', 'set_routing',
-           'lte_losses', 'train_lte', 'evaluate_lm', 'SparsityReport', 'sparsity_report']
+           'lte_losses', 'LTEHistory', 'train_lte', 'finetune', 'SparsityReport', 'router_flops', 'sparsity_report',
+           'ExpertPredictor', 'expert_norms', 'fit_predictors']
 
 # %% ../nbs/18_lte.ipynb
 GROUPINGS = ("balanced_kmeans", "random")
@@ -326,6 +327,49 @@ def _router_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lte_layers(model).values() for p in m.router.parameters()]
 
 
+@dataclass
+class LTEHistory(History):
+    "`train`'s history plus, per step, the terms of Eq. 3 and the share of router scores at or below tau."
+    task: list[float] = field(default_factory=list)  # L_task
+    eff: list[float] = field(default_factory=list)  # L_eff (stage 1, sigmoid routers)
+    sep: list[float] = field(default_factory=list)  # L_sep (stage 1, sigmoid routers)
+    below_tau: list[float] = field(default_factory=list)  # share of G <= tau: the sparsity hard routing would give
+
+
+def _fit(model, data, steps, lr, router_lr, batch_size, seq_len, params, train_routers, extra, eval_fn, seed,
+         show_progress) -> LTEHistory:
+    "The loop behind `train_lte` and `finetune`: L_task (+ `extra(model, terms)`) on `mdxlib.train.train`."
+    steps = check_positive(steps, "steps")
+    if isinstance(data, torch.Tensor):
+        tokens = data
+        data = lambda gen: random_batches(tokens, batch_size, seq_len, generator=gen)  # noqa: E731
+    routers = _router_params(model)
+    router_ids = {id(p) for p in routers}
+    weights = [p for p in (model.parameters() if params is None else params)
+               if id(p) not in router_ids and p.requires_grad]
+    terms = {k: [] for k in ("task", "eff", "sep", "below_tau")}
+
+    def loss_fn(model, batch):
+        loss = _task_loss(model, batch)
+        terms["task"].append(loss.item())
+        return loss if extra is None else loss + extra(model, terms)
+
+    def optimizer(groups):  # the routers get their own learning rate
+        split = []
+        for g in groups:
+            for is_router in (False, True):
+                ps = [p for p in g["params"] if (id(p) in router_ids) == is_router]
+                if ps:
+                    split.append({**g, "params": ps, "lr": router_lr if is_router else g["lr"]})
+        return torch.optim.AdamW(split)
+
+    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_steps=int(0.06 * steps), seed=seed,
+                         log_every=max(1, steps // 10))
+    hist = train(model, loss_fn, data, config, eval_fn=eval_fn, params=weights + (routers if train_routers else []),
+                 optimizer=optimizer, show_progress=show_progress)
+    return LTEHistory(**vars(hist), **terms)
+
+# %% ../nbs/18_lte.ipynb
 def train_lte(
     model: nn.Module,  # A model converted by `to_lte`
     data,  # A 1-D token tensor (cut into random windows), or an iterable / factory of batches
@@ -342,8 +386,8 @@ def train_lte(
     eval_fn: Callable | None = None,  # Passed to `train`
     seed: int = 0,  # Seeds the run
     show_progress: bool = True,  # Show the progress bar
-) -> History:  # The foundation loop's history
-    "Stage 1 or 2 of LTE training on `mdxlib.train.train`."
+) -> LTEHistory:  # The foundation loop's history with the loss terms per step
+    "Stage 1 (Eq. 3, soft routing) or stage 2 (Eq. 2, hard routing, routers frozen) of LTE training."
     check_choice(stage, "stage", (1, 2))
     eta, lam = check_float(eta, "eta", 0), check_float(lam, "lam", 0)
     lam_warmup = check_float(lam_warmup, "lam_warmup", 0, 1)
@@ -351,9 +395,6 @@ def train_lte(
     layers = lte_layers(model)
     if not layers:
         raise ValueError("model has no LTE layers: convert it with to_lte first")
-    if isinstance(data, torch.Tensor):
-        tokens = data
-        data = lambda gen: random_batches(tokens, batch_size, seq_len, generator=gen)  # noqa: E731
     for m in layers.values():
         if m.router_kind == "softmax":
             if m.k is None:
@@ -362,68 +403,42 @@ def train_lte(
         else:
             m.mode = "soft" if stage == 1 else "hard"
         m.sparse = False
-    routers = _router_params(model)
-    router_ids = {id(p) for p in routers}
-    weights = [p for p in (model.parameters() if params is None else params)
-               if id(p) not in router_ids and p.requires_grad]
-    chosen = weights + (routers if stage == 1 else [])
-    sigmoid = any(m.router_kind == "sigmoid" for m in layers.values())
+    sigmoid = [m for m in layers.values() if m.router_kind == "sigmoid"]
 
-    calls = [0]
+    def extra(model, terms):  # Eq. 3's regularisers, lam ramped over the first lam_warmup of the steps
+        l_eff, l_sep = lte_losses(model)
+        below = torch.stack([(m.last_scores.detach() <= m.tau).float().mean() for m in sigmoid]).mean()
+        for k, v in (("eff", l_eff), ("sep", l_sep), ("below_tau", below)):
+            terms[k].append(v.item())
+        ramp = min(1.0, (len(terms["task"]) - 1) / (lam_warmup * steps)) if lam_warmup else 1.0
+        return eta * l_eff + lam * ramp * l_sep
 
-    def loss_fn(model, batch):
-        loss = _task_loss(model, batch)
-        if stage == 1 and sigmoid and (eta or lam):
-            l_eff, l_sep = lte_losses(model)
-            ramp = min(1.0, calls[0] / (lam_warmup * steps)) if lam_warmup else 1.0
-            loss = loss + eta * l_eff + lam * ramp * l_sep
-        calls[0] += 1
-        return loss
+    return _fit(model, data, steps, lr, router_lr, batch_size, seq_len, params, stage == 1,
+                extra if stage == 1 and sigmoid else None, eval_fn, seed, show_progress)
 
-    def optimizer(groups):  # the routers get their own learning rate
-        split = []
-        for g in groups:
-            for is_router in (False, True):
-                ps = [p for p in g["params"] if (id(p) in router_ids) == is_router]
-                if ps:
-                    split.append({**g, "params": ps, "lr": router_lr if is_router else g["lr"]})
-        return torch.optim.AdamW(split)
 
-    config = TrainConfig(steps=steps, lr=lr, weight_decay=0.0, warmup_steps=int(0.06 * steps), seed=seed,
-                         log_every=max(1, steps // 10))
-    frozen = [p for p in routers if stage == 2 and p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        return train(model, loss_fn, data, config, eval_fn=eval_fn, params=chosen, optimizer=optimizer,
-                     show_progress=show_progress)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+def finetune(
+    model: nn.Module,  # A causal LM, converted by `to_lte` or not
+    data,  # A 1-D token tensor (cut into random windows), or an iterable / factory of batches
+    steps: int = 100,  # Optimizer steps
+    lr: float = 5e-5,  # Learning rate
+    batch_size: int = 8,  # Windows per batch when `data` is a token tensor
+    seq_len: int = 128,  # Tokens per window when `data` is a token tensor
+    params: Iterable[nn.Parameter] | None = None,  # Weights to train; default all (routers always stay frozen)
+    eval_fn: Callable | None = None,  # Passed to `train`
+    seed: int = 0,  # Seeds the run
+    show_progress: bool = True,  # Show the progress bar
+) -> LTEHistory:  # The foundation loop's history (`task` per step)
+    "Fine-tune on L_task alone in the model's current routing mode (dense, hard, topk or magnitude), routers frozen."
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    for m in lte_layers(model).values():
+        if m.mode == "soft":
+            raise ValueError(f"layer {m.layer} is in 'soft' mode (stage 1): use train_lte, or set a deployable mode")
+        m.sparse = False
+    return _fit(model, data, steps, lr, 0.0, batch_size, seq_len, params, False, None, eval_fn, seed, show_progress)
 
 # %% ../nbs/18_lte.ipynb
-def _n_targets(batch) -> int:
-    "Tokens the loss averages over: every label after the first of its row that is not -100 (ignored)."
-    labels = batch if isinstance(batch, torch.Tensor) else batch["labels"]
-    return int((labels[:, 1:] != -100).sum())  # a sync, as the loss's .item() beside it
-
-
-def evaluate_lm(
-    model: nn.Module,  # A causal LM
-    batches: Iterable,  # (B, T) token tensors or dicts of model kwargs with `labels`
-) -> dict[str, float]:  # {"loss": nats per predicted token, "ppl": perplexity}
-    "Token-weighted next-token loss and perplexity over `batches` (no grad, eval mode restored after)."
-    total, n = 0.0, 0
-    with evaluating(model):
-        for batch in batches:
-            k = _n_targets(batch)
-            if k:  # a batch of one-token rows (or all labels -100) predicts nothing: its mean loss is NaN
-                total, n = total + _task_loss(model, batch).item() * k, n + k
-    if n == 0:
-        raise ValueError("batches hold no targets: empty, one-token sequences only, or every label -100")
-    return dict(loss=total / n, ppl=math.exp(total / n))
-
-
 @dataclass
 class SparsityReport:
     "Per-layer and overall FFN sparsity (fraction of inactive neurons) and FLOPs per token."
@@ -435,13 +450,20 @@ class SparsityReport:
     ppl: float | None = None  # the perplexity over the same batches
 
 
-def _flops(a, active: dict[int, float], n_experts: dict[int, int]) -> dict[str, float]:
-    "FLOPs per token of the weight matmuls, dense and with the given active FFN fractions."
+def router_flops(
+    router: nn.Module,  # An LTE layer's router: a linear map or a small MLP (`ExpertPredictor`)
+) -> int:  # FLOPs per token
+    "FLOPs per token of a router: 2 per weight of its matrices (multiply-adds; biases and activations left out)."
+    return 2 * sum(p.numel() for p in router.parameters() if p.ndim == 2)
+
+
+def _flops(a, active: dict[int, float], routers: dict[int, int]) -> dict[str, float]:
+    "FLOPs per token of the weight matmuls, dense and with the given active FFN fractions and router costs."
     q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     attn = 2 * a.d_model * (2 * q + 2 * kv)
     ffn = 2 * a.d_model * a.d_ff * (len(a.mlp_in_projs(0)) + 1)  # gate, up, down (SwiGLU) or fc, proj (GPT-2)
     head = 2 * a.d_model * a.unembed_weight.shape[0] if a.lm_head is not None else 0
-    router = sum(2 * a.d_model * n for n in n_experts.values())
+    router = sum(routers.values())
     ffn_lte = sum(ffn * active.get(i, 1.0) for i in range(a.n_layers))
     dense = a.n_layers * (attn + ffn) + head
     return dict(dense=dense, lte=dense - a.n_layers * ffn + ffn_lte + router, ffn_dense=a.n_layers * ffn,
@@ -450,34 +472,124 @@ def _flops(a, active: dict[int, float], n_experts: dict[int, int]) -> dict[str, 
 
 def sparsity_report(
     model: nn.Module,  # A converted model, in the routing mode to measure
-    data: Iterable,  # Batches as for `evaluate_lm`
+    data: Iterable,  # Batches as for `mdxlib.train.evaluate_lm` ((B, T) tokens or dicts with `input_ids`)
     keep_scores: bool = True,  # Keep the router scores (for histograms)
 ) -> SparsityReport:
     "Sparsity per LTE layer and overall, FLOPs per token (routers included) and the perplexity, in the current mode."
     layers = lte_layers(model)
     if not layers:
         raise ValueError("model has no LTE layers: convert it with to_lte first")
-    off = {i: 0.0 for i in layers}
+    off, rows = {i: 0.0 for i in layers}, {i: 0 for i in layers}
     scores = {i: [] for i in layers}
-    n_tok, nll, n_tgt = 0, 0.0, 0
-    with evaluating(model):
-        for batch in data:
-            k, loss = _n_targets(batch), _task_loss(model, batch)
-            if k:
-                nll, n_tgt = nll + loss.item() * k, n_tgt + k
+
+    def recorded(batches):  # `evaluate_lm` runs each batch (or skips one without targets) before the next
+        for batch in batches:
+            for m in layers.values():
+                m.last_active = None  # a skipped batch leaves None: nothing to count
+            yield batch
             for i, m in layers.items():
                 if m.last_active is None:
-                    continue  # dense mode: nothing off
-                a = m.last_active.reshape(-1, m.n_experts)
-                off[i] += (1 - a.float().mean(-1)).sum().item()
+                    continue  # dense mode (nothing off) or a skipped batch
+                active = m.last_active.reshape(-1, m.n_experts)  # (tokens, N)
+                off[i], rows[i] = off[i] + (1 - active.float().mean(-1)).sum().item(), rows[i] + len(active)
                 if keep_scores and m.last_scores is not None:
                     scores[i].append(m.last_scores.detach().float().flatten().cpu())
-            n_tok += (batch if isinstance(batch, torch.Tensor) else batch["labels"]).numel()
-    if n_tok == 0 or n_tgt == 0:
-        raise ValueError("data is empty or holds no targets (one-token sequences, every label -100)")
-    per_layer = {i: off[i] / n_tok for i in layers}
+
+    ppl = evaluate_lm(model, recorded(data))["ppl"]
+    per_layer = {i: off[i] / rows[i] if rows[i] else 0.0 for i in layers}
     a = adapter(model)
-    flops = _flops(a, {i: 1 - s for i, s in per_layer.items()}, {i: m.n_experts for i, m in layers.items()})
+    flops = _flops(a, {i: 1 - s for i, s in per_layer.items()}, {i: router_flops(m.router) for i, m in layers.items()})
     return SparsityReport(per_layer, sum(per_layer.values()) / len(per_layer),
                           sum(per_layer.values()) / a.n_layers, flops,
-                          {i: torch.cat(v) for i, v in scores.items() if v}, math.exp(nll / n_tgt))
+                          {i: torch.cat(v) for i, v in scores.items() if v}, ppl)
+
+# %% ../nbs/18_lte.ipynb
+class ExpertPredictor(nn.Module):
+    "A Deja Vu-style router: a two-layer MLP from an FFN's input to one logit per expert."
+
+    def __init__(
+        self,
+        d_model: int,  # d: the FFN's input width
+        n_experts: int,  # N: one logit per expert
+        hidden: int = 128,  # Width of the hidden layer
+    ):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., N) logits
+        return self.net(x)
+
+
+def expert_norms(
+    model: nn.Module,  # A converted model; its routing modes are restored afterwards
+    data: Iterable,  # Batches: (B, T) token tensors or dicts of model kwargs
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:  # layer -> (inputs (n, d), norms (n, N)), one row per token
+    "Each LTE layer's FFN input and the L2 norm of every expert's activations, for every token, in dense mode."
+    layers = lte_layers(model)
+    if not layers:
+        raise ValueError("model has no LTE layers: convert it with to_lte first")
+    saved = {i: (m.mode, m.k, m.sparse) for i, m in layers.items()}
+    rec = {i: ([], []) for i in layers}
+
+    def hook(m):
+        def pre(mod, args):
+            x = args[0].detach()
+            h = mod.neurons(x).unflatten(-1, (mod.n_experts, mod.expert_size))  # (..., N, E)
+            rec[mod.layer][0].append(x.reshape(-1, x.shape[-1]).float().cpu())
+            rec[mod.layer][1].append(h.norm(dim=-1).reshape(-1, mod.n_experts).float().cpu())
+        return m.register_forward_pre_hook(pre)
+
+    handles = [hook(m) for m in layers.values()]
+    try:
+        for m in layers.values():
+            m.mode, m.sparse = "dense", False
+        with torch.no_grad(), evaluating(model):
+            for batch in data:
+                model(batch) if isinstance(batch, torch.Tensor) else model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for i, m in layers.items():
+            m.mode, m.k, m.sparse = saved[i]
+    if not rec[next(iter(rec))][0]:
+        raise ValueError("data is empty: give at least one batch")
+    return {i: (torch.cat(xs), torch.cat(ns)) for i, (xs, ns) in rec.items()}
+
+# %% ../nbs/18_lte.ipynb
+def fit_predictors(
+    model: nn.Module,  # A converted model with sigmoid routers; each router is replaced by a trained predictor
+    data: Iterable,  # Batches to read the activations from (see `expert_norms`)
+    keep: float = 0.5,  # Label: the top `keep` share of experts by activation norm per token are the ones that matter
+    hidden: int = 128,  # Width of each predictor's hidden layer
+    steps: int = 300,  # Adam steps per layer
+    batch_tokens: int = 512,  # Tokens per step
+    lr: float = 1e-3,  # Adam's learning rate
+    seed: int = 0,  # Seeds the initialisation and the token sampling
+) -> dict[int, list[float]]:  # layer -> the binary cross-entropy of every step
+    "Train a Deja Vu-style `ExpertPredictor` per LTE layer on the model's own activations and install it as router."
+    keep = check_float(keep, "keep", 0, 1, low_open=True)
+    hidden, steps = check_positive(hidden, "hidden"), check_positive(steps, "steps")
+    batch_tokens, seed = check_positive(batch_tokens, "batch_tokens"), check_int(seed, "seed")
+    layers = lte_layers(model)
+    if any(m.router_kind != "sigmoid" for m in layers.values()):
+        raise ValueError("fit_predictors needs sigmoid routers (their scores are read by top-k and hard routing)")
+    seen = expert_norms(model, data)
+    gen, curves = torch.Generator().manual_seed(seed), {}
+    for i, m in layers.items():
+        x, norms = seen[i]  # (n, d), (n, N)
+        k = _experts_per_token(float(keep), m.n_experts, i)
+        target = torch.zeros_like(norms).scatter_(-1, norms.topk(k, dim=-1).indices, 1.0)  # (n, N) multi-hot
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            pred = ExpertPredictor(x.shape[-1], m.n_experts, hidden)
+        opt, curves[i] = torch.optim.Adam(pred.parameters(), lr=lr), []
+        for _ in range(steps):
+            j = torch.randint(0, len(x), (batch_tokens,), generator=gen)
+            loss = F.binary_cross_entropy_with_logits(pred(x[j]), target[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curves[i].append(loss.item())
+        w = weight_view(m.parts.up)
+        m.router = pred.to(device=w.device, dtype=w.dtype)
+    return curves

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from mdxlib.lte import (SEP_EPS, SparsityReport, evaluate_lm, group_neurons, lte_layers, lte_losses, set_routing,
-                        sparsity_report, to_lte, train_lte)
+from mdxlib.lte import (SEP_EPS, ExpertPredictor, LTEHistory, SparsityReport, expert_norms, finetune, fit_predictors,
+                        group_neurons, lte_layers, lte_losses, router_flops, set_routing, sparsity_report, to_lte,
+                        train_lte)
 from mdxlib.models import ModelNotAvailableError, adapter, load_lm, tiny_lm
+from mdxlib.train import evaluate_lm
 
 IDS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(0))
 TOKENS = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
@@ -207,7 +209,7 @@ def test_sparsity_report_counts_and_flops(stock):
     assert math.isclose(rep.ppl, evaluate_lm(model, [IDS, IDS[:1]])["ppl"], rel_tol=1e-6)
     set_routing(model, "dense")
     assert sparsity_report(model, [IDS]).overall == 0
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="no target"):
         sparsity_report(model, [])
 
 
@@ -300,15 +302,139 @@ def test_lte_runs_on_any_llama_style_family():
     assert lte_layers(conv)[0].family == "llama" and lte_layers(conv)[0].parts.gate is not None
 
 
-def test_evaluate_lm_counts_only_targets(stock):
-    _, model, _ = stock
+def test_sparsity_report_perplexity_counts_only_targets(stock):
+    model, _ = converted(stock, method="random")
+    set_routing(model, "topk", k=2)
     labels = IDS.clone()
     labels[:, 7:] = -100  # only the first 7 tokens are scored: 6 targets per row
     with torch.no_grad():
         loss = model(IDS, labels=labels).loss.item()
-    out = evaluate_lm(model, [dict(input_ids=IDS, labels=labels), IDS[:, :1]])  # one-token rows predict nothing
-    assert math.isclose(out["loss"], loss, rel_tol=1e-6) and math.isfinite(out["ppl"])
-    with pytest.raises(ValueError, match="no targets"):
-        evaluate_lm(model, [IDS[:, :1]])
-    with pytest.raises(ValueError, match="no targets"):
-        evaluate_lm(model, [dict(input_ids=IDS, labels=torch.full_like(IDS, -100))])
+    rep = sparsity_report(model, [dict(input_ids=IDS, labels=labels), IDS[:, :1]])  # one-token rows predict nothing
+    assert math.isclose(math.log(rep.ppl), loss, rel_tol=1e-5)
+    assert math.isclose(rep.overall, 1 - 2 / lte_layers(model)[0].n_experts)  # every token counts for sparsity
+
+
+# fine-tuning under a mask, the loss terms ------------------------------------------------------------------------
+
+def test_finetune_keeps_the_mode_and_freezes_routers(stock):
+    model, _ = converted(stock, method="random")
+    set_routing(model, "topk", k=0.5)
+    routers = [m.router.weight.detach().clone() for m in lte_layers(model).values()]
+    w0 = adapter(model).mlp_out_weight(0).detach().clone()
+    h = finetune(model, TOKENS, steps=3, lr=1e-3, batch_size=2, seq_len=16, show_progress=False)
+    assert isinstance(h, LTEHistory) and len(h.task) == 3 and h.eff == h.sep == h.below_tau == []
+    assert math.isclose(h.task[0], h.loss[0], rel_tol=1e-6)  # no extra term
+    assert all(torch.equal(r, m.router.weight) for r, m in zip(routers, lte_layers(model).values()))
+    assert not torch.equal(w0, adapter(model).mlp_out_weight(0))
+    assert all(m.mode == "topk" and m.k == m.n_experts // 2 for m in lte_layers(model).values())
+
+
+def test_finetune_a_stock_model(stock):
+    _, model, _ = stock
+    model = copy.deepcopy(model)
+    w0 = adapter(model).mlp_out_weight(1).detach().clone()
+    finetune(model, TOKENS, steps=2, lr=1e-3, batch_size=2, seq_len=16, show_progress=False)
+    assert not torch.equal(w0, adapter(model).mlp_out_weight(1))
+
+
+def test_finetune_bad_inputs(stock):
+    model, _ = converted(stock, method="random")
+    set_routing(model, "soft")
+    with pytest.raises(ValueError, match="'soft' mode"):
+        finetune(model, TOKENS, steps=1)
+    set_routing(model, "hard")
+    with pytest.raises(ValueError, match="steps must be"):
+        finetune(model, TOKENS, steps=0)
+    with pytest.raises(TypeError, match="model must be"):
+        finetune("model", TOKENS)
+
+
+def test_stage1_history_records_the_terms(stock):
+    model, _ = converted(stock, method="random")
+    h = train_lte(model, TOKENS, eta=1.0, lam=0.5, stage=1, steps=3, lr=1e-3, batch_size=2, seq_len=16,
+                  show_progress=False)
+    assert len(h.task) == len(h.eff) == len(h.sep) == len(h.below_tau) == 3
+    assert all(0 <= b <= 1 and 0 < e < 1 and 0 < s <= 1 / SEP_EPS for b, e, s in zip(h.below_tau, h.eff, h.sep))
+    total = [t + 1.0 * e + 0.5 * s for t, e, s in zip(h.task, h.eff, h.sep)]  # lam constant: no warmup
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(total, h.loss))
+    h2 = train_lte(model, TOKENS, stage=2, steps=2, lr=1e-3, batch_size=2, seq_len=16, show_progress=False)
+    assert len(h2.task) == 2 and h2.eff == []
+
+
+# the Deja Vu-style predictor baseline ----------------------------------------------------------------------------
+
+def test_router_flops_known_values():
+    assert router_flops(torch.nn.Linear(64, 8, bias=False)) == 2 * 64 * 8
+    assert router_flops(ExpertPredictor(64, 8, hidden=16)) == 2 * (64 * 16 + 16 * 8)  # biases left out
+    assert ExpertPredictor(64, 8, hidden=16)(torch.zeros(3, 5, 64)).shape == (3, 5, 8)
+
+
+def test_expert_norms_split_the_activations_and_restore_modes(stock):
+    model, _ = converted(stock, method="random")
+    set_routing(model, "topk", k=2)
+    seen = expert_norms(model, [IDS, dict(input_ids=IDS[:1], labels=IDS[:1])])
+    for i, m in lte_layers(model).items():
+        x, norms = seen[i]
+        assert x.shape == (3 * 13, adapter(model).d_model) and norms.shape == (3 * 13, m.n_experts)
+        with torch.no_grad():
+            torch.testing.assert_close(norms.pow(2).sum(-1), m.neurons(x).pow(2).sum(-1), rtol=1e-4, atol=1e-6)
+        assert m.mode == "topk" and m.k == 2
+    with pytest.raises(ValueError, match="empty"):
+        expert_norms(model, [])
+    with pytest.raises(ValueError, match="no LTE layers"):
+        expert_norms(stock[1], [IDS])
+
+
+def _overlap(router, x, norms, k):
+    "Share of the oracle's top-k experts the router's top-k finds."
+    with torch.no_grad():
+        pick = torch.zeros_like(norms).scatter_(-1, router(x).topk(k, -1).indices, 1.0)
+    return float((pick * torch.zeros_like(norms).scatter_(-1, norms.topk(k, -1).indices, 1.0)).sum() / (k * len(x)))
+
+
+def test_fit_predictors_learns_the_oracle_choice(stock):
+    model, _ = converted(stock, method="random")
+    train = [TOKENS[i:i + 64].view(4, 16) for i in range(0, 2560, 64)]
+    held = [TOKENS[2600:2856].view(8, 32)]
+    x, norms = expert_norms(model, held)[1]
+    n = lte_layers(model)[1].n_experts
+    random_router = copy.deepcopy(lte_layers(model)[1].router)
+    curves = fit_predictors(model, train, keep=0.5, hidden=32, steps=200, batch_tokens=128, lr=3e-3)
+    pred = lte_layers(model)[1].router
+    assert isinstance(pred, ExpertPredictor) and sorted(curves) == [0, 1] and len(curves[1]) == 200
+    assert sum(curves[1][-20:]) < sum(curves[1][:20])
+    assert _overlap(pred, x, norms, n // 2) > _overlap(random_router, x, norms, n // 2) + 0.05
+    set_routing(model, "topk", k=0.5)
+    rep = sparsity_report(model, held)
+    assert rep.flops["router"] == sum(router_flops(m.router) for m in lte_layers(model).values())
+    with torch.no_grad():  # the sparse inference path reads the predictor too
+        masked = model(IDS).logits
+        set_routing(model, "topk", k=0.5, sparse=True)
+        torch.testing.assert_close(model(IDS).logits, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_fit_predictors_is_seeded_and_keep_one_labels_everything(stock):
+    a, _ = converted(stock, method="random")
+    b, _ = converted(stock, method="random")
+    data = [TOKENS[:256].view(8, 32)]
+    ca = fit_predictors(a, data, keep=1.0, hidden=8, steps=60, batch_tokens=64, lr=1e-2, seed=3)
+    cb = fit_predictors(b, data, keep=1.0, hidden=8, steps=60, batch_tokens=64, lr=1e-2, seed=3)
+    assert ca == cb and ca[0][-1] < 0.1  # every expert matters: the all-ones label is easy
+    with torch.no_grad():
+        assert (lte_layers(a)[0].router(torch.randn(5, adapter(a).d_model)) > 0).all()
+
+
+@pytest.mark.parametrize("kw,err,msg", [(dict(keep=0.0), ValueError, "keep must be"),
+                                        (dict(keep=1.5), ValueError, "keep must be"),
+                                        (dict(hidden=0), ValueError, "hidden must be"),
+                                        (dict(steps=0), ValueError, "steps must be")])
+def test_fit_predictors_bad_inputs(stock, kw, err, msg):
+    model, _ = converted(stock, method="random")
+    with pytest.raises(err, match=msg):
+        fit_predictors(model, [IDS], **kw)
+
+
+def test_fit_predictors_needs_sigmoid_routers(stock):
+    model, _ = converted(stock, method="random", router="softmax")
+    with pytest.raises(ValueError, match="sigmoid routers"):
+        fit_predictors(model, [IDS])
