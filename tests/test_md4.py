@@ -391,3 +391,32 @@ def test_mirror_kl_bad_input():
     with pytest.raises(ValueError, match="at least one masked"):
         mirror_kl(net, torch.zeros(2, 8, dtype=torch.long), 5)
     assert mirror_kl(net, torch.full((2, 8), 5), 5) >= 0
+
+
+def test_sampler_reproduces_a_correlated_joint_with_exact_conditionals():
+    # the model is the exact conditional of a correlated 3x3x3 joint: with many steps (about one token revealed at a
+    # time) the sampler draws from the joint itself; with T = 2 most tokens are revealed together, independently
+    g = torch.Generator().manual_seed(0)
+    M, K = 3, 3
+    joint = -torch.log(torch.rand(K ** M, dtype=torch.float64, generator=g))
+    joint = joint / joint.sum()
+    outcomes = torch.tensor(list(itertools.product(range(K), repeat=M)))  # (27, 3)
+
+    def exact(xt, t):
+        keep = torch.ones(len(xt), len(outcomes), dtype=torch.bool)
+        for n in range(M):
+            known = xt[:, n] != K
+            keep &= ~known[:, None] | (outcomes[None, :, n] == xt[:, n, None])
+        p = joint[None] * keep  # (B, 27)
+        out = torch.stack([torch.zeros(len(xt), K, dtype=torch.float64).index_add(1, outcomes[:, n], p)
+                           for n in range(M)], 1)  # (B, M, K) unnormalised marginals
+        return out.clamp_min(1e-300).log()
+
+    def tv(steps):
+        x = sample(exact, (8_000, M), masking_schedule("linear"), K, steps=steps,
+                   generator=torch.Generator().manual_seed(1)).x
+        emp = torch.bincount(x[:, 0] * 9 + x[:, 1] * 3 + x[:, 2], minlength=27).double() / len(x)
+        return 0.5 * (emp - joint).abs().sum().item()
+
+    assert tv(64) < 0.04  # measured 0.028; sampling noise alone is about 0.02 at this size
+    assert tv(2) > 0.08  # measured 0.14: two steps ignore most of the correlation
