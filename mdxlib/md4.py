@@ -297,6 +297,7 @@ class TransformerDenoiser(nn.Module):
         causal: bool = False,  # True: the autoregressive baseline
         rope: bool = True,  # Rotary position embeddings on q and k (False: the mirror-blind denoiser of old)
         time_conditioning: bool = False,  # adaLN on the time t (GenMD4); False: t is accepted and ignored (MD4)
+        slopes: tuple[float, ...] | None = None,  # Distance penalty per head; None: ALiBi's 2^(-8 h / n_heads)
     ):
         super().__init__()
         for name, v in dict(vocab_size=vocab_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
@@ -313,7 +314,13 @@ class TransformerDenoiser(nn.Module):
         self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
         # ALiBi-style distance penalty per head, -slope_h |i - j|: a locality prior, symmetric, so it says nothing
         # about direction; RoPE (below) does
-        self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, n_heads + 1) / n_heads), persistent=False)
+        if slopes is None:
+            slopes_t = 2.0 ** (-8.0 * torch.arange(1, n_heads + 1) / n_heads)
+        else:
+            slopes_t = torch.as_tensor(slopes, dtype=torch.float32)
+            if slopes_t.shape != (n_heads,) or not (torch.isfinite(slopes_t) & (slopes_t >= 0)).all():
+                raise ValueError(f"slopes must be {n_heads} finite non-negative numbers, one per head; got {slopes!r}")
+        self.register_buffer("slopes", slopes_t.float(), persistent=False)
         if self.rope:
             cos, sin = rope_tables(seq_len, d_model // n_heads)
             self.register_buffer("rope_cos", cos, persistent=False)
