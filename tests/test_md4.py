@@ -157,6 +157,21 @@ def test_denoiser_shapes_causality_and_bad_input():
         TransformerDenoiser(6, 10, d_model=10, n_heads=3)
 
 
+def test_distance_slopes_default_explicit_and_bad():
+    default = TransformerDenoiser(6, 10, d_model=16, n_layers=1, n_heads=2)
+    assert torch.allclose(default.slopes, torch.tensor([2.0 ** -4, 2.0 ** -8]))  # ALiBi's 2^(-8 h / H)
+    torch.manual_seed(0)
+    steep = TransformerDenoiser(6, 10, d_model=16, n_layers=1, n_heads=2, slopes=(0.5, 0.25))
+    torch.manual_seed(0)
+    flat = TransformerDenoiser(6, 10, d_model=16, n_layers=1, n_heads=2, slopes=(0.0, 0.0))
+    x = torch.randint(0, 7, (2, 10))
+    assert torch.equal(steep.slopes, torch.tensor([0.5, 0.25]))
+    assert not torch.allclose(steep(x), flat(x))  # the same weights, a different locality prior
+    for bad in ((0.5,), (0.5, -1.0), (0.5, float("nan"))):
+        with pytest.raises(ValueError, match="slopes"):
+            TransformerDenoiser(6, 10, d_model=16, n_layers=1, n_heads=2, slopes=bad)
+
+
 def test_elbo_of_a_uniform_model_is_log_m():
     m, L = 8, 32
     uniform = lambda xt, t: torch.zeros(*xt.shape, m)
