@@ -18,9 +18,9 @@ from .checks import check_choice, check_float, check_int, check_positive, check_
 
 # %% auto 0
 __all__ = ['SCHEDULES', 'GRIDS', 'MaskingSchedule', 'LinearSchedule', 'PolySchedule', 'CosineSchedule', 'GeometricSchedule',
-           'masking_schedule', 'forward_mask', 'md4_loss', 'md4_discrete_loss', 'Block', 'TransformerDenoiser',
-           'ar_nll', 'ELBO', 'md4_elbo', 'GenMD4Schedule', 'genmd4_integrand', 'genmd4_loss', 'time_grid', 'MD4Samples',
-           'sample']
+           'masking_schedule', 'forward_mask', 'md4_loss', 'md4_discrete_loss', 'rope_tables', 'apply_rope',
+           'time_features', 'Block', 'TransformerDenoiser', 'ar_nll', 'mirror_kl', 'ELBO', 'md4_elbo', 'GenMD4Schedule',
+           'genmd4_integrand', 'genmd4_loss', 'time_grid', 'MD4Samples', 'sample']
 
 # %% ../nbs/10_md4.ipynb
 def _times_in_unit(t, check: bool = True, batch: int | None = None) -> torch.Tensor:
@@ -209,8 +209,47 @@ def md4_discrete_loss(
     return ((a_s - a_t) / (1 - a_t)).to(ce.dtype) * ce
 
 # %% ../nbs/10_md4.ipynb
+def rope_tables(
+    seq_len: int,  # Positions 0 .. seq_len - 1
+    head_dim: int,  # Size of each head's queries and keys (even: RoPE turns pairs)
+    base: float = 10_000.0,  # theta_i = base^(-2i / head_dim)
+) -> tuple[torch.Tensor, torch.Tensor]:  # cos and sin of n * theta_i, each (seq_len, head_dim // 2)
+    "The rotation angles of rotary position embeddings: position n turns coordinate pair i by n * theta_i."
+    seq_len, head_dim = check_positive(seq_len, "seq_len"), check_positive(head_dim, "head_dim")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE rotates pairs of coordinates); got {head_dim}")
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    angle = torch.arange(seq_len, dtype=torch.float64)[:, None] * theta  # (L, hd/2)
+    return angle.cos().float(), angle.sin().float()
+
+
+def apply_rope(
+    x: torch.Tensor,  # (..., L, head_dim) queries or keys
+    cos: torch.Tensor,  # (>= L, head_dim // 2) from `rope_tables`
+    sin: torch.Tensor,  # (>= L, head_dim // 2)
+) -> torch.Tensor:  # x with pair i of position n rotated by n * theta_i, same shape
+    "Rotate queries or keys by their position (Eq. R): then q_m . k_n depends on m - n, with its sign."
+    L = x.shape[-2]
+    c, s = cos[:L].to(x.dtype), sin[:L].to(x.dtype)  # (L, hd/2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., L, hd/2) each
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)  # (..., L, hd)
+
+# %% ../nbs/10_md4.ipynb
+def time_features(
+    t: torch.Tensor,  # (B,) times in [0, 1]
+    dim: int,  # Even feature size
+    max_period: float = 10_000.0,  # Longest wavelength, in units of t / 1000
+) -> torch.Tensor:  # (B, dim) sin and cos of 1000 t at geometric frequencies
+    "Sinusoidal features of the diffusion time, the input of the denoiser's time embedding."
+    if check_positive(dim, "dim") % 2:
+        raise ValueError(f"dim must be even; got {dim}")
+    freq = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))  # (dim/2,)
+    arg = 1000 * t.float()[:, None] * freq  # (B, dim/2)
+    return torch.cat([arg.sin(), arg.cos()], -1)
+
+# %% ../nbs/10_md4.ipynb
 class Block(nn.Module):
-    "One pre-norm transformer block: attention with an additive bias, then a GELU MLP."
+    "One pre-norm transformer block: attention (RoPE on q and k, an additive bias), then a GELU MLP; adaLN optional."
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -220,15 +259,30 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
                                  nn.Dropout(dropout))
 
-    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,  # (B, L, d) residual stream
+        bias: torch.Tensor,  # (H, L, L) additive attention bias (distance penalty; -inf above the diagonal if causal)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # (cos, sin) from `rope_tables`; None: no rotation
+        mod: torch.Tensor | None = None,  # (B, 4 d) adaLN shift/scale of both norms; None: no time conditioning
+    ) -> torch.Tensor:  # (B, L, d)
         B, L, d = h.shape
-        qkv = self.qkv(self.norm1(h)).view(B, L, 3, self.n_heads, d // self.n_heads)
+        x = self.norm1(h)
+        if mod is not None:
+            shift1, scale1, shift2, scale2 = mod[:, None].chunk(4, -1)  # 4 x (B, 1, d)
+            x = x * (1 + scale1) + shift1  # Eq. T: adaLN
+        qkv = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
         h = h + self.out(a.transpose(1, 2).reshape(B, L, d))  # (B, L, d)
-        return h + self.mlp(self.norm2(h))
+        x = self.norm2(h)
+        if mod is not None:
+            x = x * (1 + scale2) + shift2
+        return h + self.mlp(x)
 
-
+# %% ../nbs/10_md4.ipynb
 class TransformerDenoiser(nn.Module):
     "A small pre-norm transformer: bidirectional (MD4 denoiser) or causal (AR baseline); logits over the real tokens."
 
@@ -241,6 +295,9 @@ class TransformerDenoiser(nn.Module):
         n_heads: int = 4,  # Attention heads
         dropout: float = 0.0,  # Dropout in the blocks
         causal: bool = False,  # True: the autoregressive baseline
+        rope: bool = True,  # Rotary position embeddings on q and k (False: the mirror-blind denoiser of old)
+        time_conditioning: bool = False,  # adaLN on the time t (GenMD4); False: t is accepted and ignored (MD4)
+        slopes: tuple[float, ...] | None = None,  # Distance penalty per head; None: ALiBi's 2^(-8 h / n_heads)
     ):
         super().__init__()
         for name, v in dict(vocab_size=vocab_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers,
@@ -248,21 +305,39 @@ class TransformerDenoiser(nn.Module):
             check_positive(v, name)
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if rope and (d_model // n_heads) % 2:
+            raise ValueError(f"d_model / n_heads must be even for RoPE; got {d_model} / {n_heads}")
         self.vocab_size, self.seq_len, self.causal = vocab_size, seq_len, causal
-        self.mask_id = vocab_size
+        self.mask_id, self.n_heads = vocab_size, n_heads
+        self.rope, self.time_conditioning = bool(rope), bool(time_conditioning)
         self.embed = nn.Embedding(vocab_size + 1, d_model)
         self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
-        # ALiBi-style distance penalty per head, -slope_h |i - j| (symmetric; causal adds -inf above the diagonal):
-        # without it a small bidirectional denoiser needs many steps to learn to look at its neighbours
-        self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, n_heads + 1) / n_heads), persistent=False)
-        self.n_heads = n_heads
+        # ALiBi-style distance penalty per head, -slope_h |i - j|: a locality prior, symmetric, so it says nothing
+        # about direction; RoPE (below) does
+        if slopes is None:
+            slopes_t = 2.0 ** (-8.0 * torch.arange(1, n_heads + 1) / n_heads)
+        else:
+            slopes_t = torch.as_tensor(slopes, dtype=torch.float32)
+            if slopes_t.shape != (n_heads,) or not (torch.isfinite(slopes_t) & (slopes_t >= 0)).all():
+                raise ValueError(f"slopes must be {n_heads} finite non-negative numbers, one per head; got {slopes!r}")
+        self.register_buffer("slopes", slopes_t.float(), persistent=False)
+        if self.rope:
+            cos, sin = rope_tables(seq_len, d_model // n_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
+        if self.time_conditioning:  # made last, so every other weight is the time-free model's for the same seed
+            self.time_mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+            self.ada = nn.ModuleList(nn.Linear(d_model, 4 * d_model) for _ in range(n_layers))
+            for lin in self.ada:  # adaLN-zero: at initialisation the model is the time-free one
+                nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
 
     def features(
         self,
         x: torch.Tensor,  # (B, L) ids in [0, m], m = mask
+        t: torch.Tensor | None = None,  # (B,) times in [0, 1]: required with time conditioning, else ignored
         check: bool = True,  # Check the ids' range (a device sync): off in training loops
     ) -> torch.Tensor:  # (B, L, d_model)
         "Hidden states before the output projection."
@@ -271,7 +346,13 @@ class TransformerDenoiser(nn.Module):
             raise ValueError(f"x must have shape (B, L) with L <= {self.seq_len}; got {tuple(x.shape)}")
         if check:
             check_range(x, "x", 0, self.mask_id)  # the mask id included
-        L = x.shape[1]
+        B, L = x.shape
+        mods = [None] * len(self.blocks)
+        if self.time_conditioning:
+            if t is None:
+                raise ValueError("t is required: this denoiser is time-conditioned (time_conditioning=True)")
+            temb = self.time_mlp(time_features(_times_in_unit(t, check, B), self.head.in_features))  # (B, d)
+            mods = [ada(F.silu(temb)) for ada in self.ada]  # (B, 4 d) per block
         if self.causal:  # predict x_n from x_<n: shift right behind the start token
             x = torch.cat([torch.full_like(x[:, :1], self.mask_id), x[:, :-1]], 1)
         h = self.embed(x) + self.pos[:L]  # (B, L, d)
@@ -279,19 +360,21 @@ class TransformerDenoiser(nn.Module):
         bias = -self.slopes.to(h.dtype)[:, None, None] * (i[:, None] - i[None, :]).abs()  # (H, L, L)
         if self.causal:
             bias = bias.masked_fill(i[None, :] > i[:, None], float("-inf"))
-        for block in self.blocks:
-            h = block(h, bias)
+        rope = (self.rope_cos, self.rope_sin) if self.rope else None
+        for block, mod in zip(self.blocks, mods):
+            h = block(h, bias, rope, mod)
         return self.norm(h)
+
 
     def forward(
         self,
         x: torch.Tensor,  # (B, L) ids in [0, m], m = mask
-        t: torch.Tensor | None = None,  # (B,) times: accepted and ignored (no time conditioning)
+        t: torch.Tensor | None = None,  # (B,) times: required with time conditioning, else accepted and ignored
         check: bool = True,  # Check the ids' range (a device sync): off in training loops
     ) -> torch.Tensor:  # (B, L, m) logits over the real tokens
-        return self.head(self.features(x, check))
+        return self.head(self.features(x, t, check))
 
-
+# %% ../nbs/10_md4.ipynb
 def ar_nll(
     model: TransformerDenoiser,  # A causal `TransformerDenoiser`
     x: torch.Tensor,  # (B, L) ids
@@ -301,6 +384,25 @@ def ar_nll(
         raise ValueError("model must be a causal TransformerDenoiser (causal=True)")
     logits = model(x)  # (B, L, m)
     return F.cross_entropy(logits.transpose(1, 2).float(), x, reduction="none").sum(1)
+
+
+@torch.no_grad()
+def mirror_kl(
+    model: Callable,  # A bidirectional denoiser, model(xt, t) -> (B, L, m) logits
+    xt: torch.Tensor,  # (B, L) partly masked ids
+    mask_id: int,  # The mask id
+    t: torch.Tensor | None = None,  # (B,) times, for a time-conditioned model
+) -> float:  # Mean over masked positions of KL(mu(xt) || mirror(mu(mirror(xt)))), nats
+    "How much the predictions change when the sequence is read backwards: 0 for a model blind to direction."
+    if getattr(model, "causal", False):
+        raise ValueError("model must be bidirectional: a causal model's mirror image is a different model")
+    xt = _ids(xt, "xt")
+    masked = xt == check_int(mask_id, "mask_id", minimum=0)
+    if not masked.any():
+        raise ValueError("xt must contain at least one masked position")
+    logp = F.log_softmax(model(xt, t).double(), -1)[masked]  # (R, m)
+    logp_mirror = F.log_softmax(model(xt.flip(1), t).double().flip(1), -1)[masked]  # (R, m)
+    return (logp.exp() * (logp - logp_mirror)).sum(-1).mean().item()
 
 # %% ../nbs/10_md4.ipynb
 @dataclass
@@ -475,6 +577,25 @@ def time_grid(
     return ts
 
 
+def _step_scores(
+    schedule: "MaskingSchedule | GenMD4Schedule",  # The schedule the model was trained with
+    logp: torch.Tensor,  # (B, L, m) log mu_theta, in the Gumbel dtype
+    t: torch.Tensor,  # () the current time
+    s: torch.Tensor,  # () the next (earlier) time; s = 0 unmasks everything
+) -> torch.Tensor:  # (B, L, m + 1) log-probabilities of "unmask to v" and, last, "stay masked"
+    "The reverse step q(x_s | x_t, x_0 = mu_theta) of a masked position, for MD4 (Alg. 2) or GenMD4 (Eq. G)."
+    dt = logp.dtype
+    if isinstance(schedule, GenMD4Schedule):  # per token: unmask to v with prob 1 - (s/t)^{w_v} (rescaled times)
+        ratio = schedule.rescale(s.view(1)) / schedule.rescale(t.view(1)) if s > 0 else torch.zeros(1, dtype=t.dtype)
+        p_unmask = (1 - ratio.to(logp.device) ** schedule.w.detach().to(ratio.dtype)).clamp(0, 1).to(dt)  # (m,)
+        stay = torch.logsumexp(logp + torch.log1p(-p_unmask), -1, keepdim=True)  # (B, L, 1): sum_v mu_v (s/t)^w_v
+        return torch.cat([logp + p_unmask.log(), stay], -1)
+    a_t = schedule.alpha(t.view(1))
+    a_s = schedule.alpha(s.view(1)) if s > 0 else torch.ones(1, dtype=t.dtype)
+    p_unmask = ((a_s - a_t) / (1 - a_t)).clamp(0, 1).to(dt).to(logp.device)  # (1,): the same for every token
+    return torch.cat([logp + p_unmask.log(), (1 - p_unmask).log().expand(*logp.shape[:-1], 1)], -1)
+
+
 @dataclass
 class MD4Samples:
     "What `sample` returns."
@@ -483,34 +604,40 @@ class MD4Samples:
     seconds: float  # Wall time
     states: list[torch.Tensor] | None = field(default=None, repr=False)  # x after each step (with return_states)
 
-
+# %% ../nbs/10_md4.ipynb
 @torch.no_grad()
 def sample(
     model: Callable,  # model(xt, t) -> (B, L, m) logits
     shape: tuple[int, int],  # (B, L)
-    schedule: MaskingSchedule,  # The masking schedule the model was trained with
+    schedule: "MaskingSchedule | GenMD4Schedule",  # The schedule the model was trained with (GenMD4: per token)
     mask_id: int,  # The mask id (= m)
     steps: int,  # T
     grid: str = "uniform",  # "uniform" or "cosine" time grid
-    cache: bool = True,  # Reuse a sequence's network output when its previous step unmasked nothing
+    cache: bool = True,  # Reuse a sequence's output when its last step unmasked nothing (exact only if t is ignored)
     gumbel_dtype: torch.dtype = torch.float64,  # Precision of the Gumbel-max draw (App. G)
     generator: torch.Generator | None = None,  # Source of randomness (on `device`)
     device=None,  # Where to sample; default the model's device
     return_states: bool = False,  # Keep x after every step (for visualising)
     callback: Callable | None = None,  # callback(i, t, x) after each step
 ) -> MD4Samples:  # The samples and the cost
-    "Ancestral sampling (Alg. 2) from all-masked to clean, with optional caching."
+    "Ancestral sampling (Alg. 2) from all-masked to clean, with optional caching; GenMD4's per-token schedule too."
     if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise ValueError(f"shape must be (B, L) positive integers; got {shape!r}")
     if gumbel_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"gumbel_dtype must be a floating dtype; got {gumbel_dtype}")
+    if not isinstance(schedule, (MaskingSchedule, GenMD4Schedule)):
+        raise TypeError(f"schedule must be a MaskingSchedule or a GenMD4Schedule; got {type(schedule).__name__}")
     ts = time_grid(steps, grid)
     mask_id = check_int(mask_id, "mask_id", minimum=0)
     vocab = getattr(model, "vocab_size", None)  # known up front for a TransformerDenoiser, else from the logits
     if isinstance(vocab, int) and mask_id < vocab:
         raise ValueError(f"mask_id must be outside the vocabulary [0, {vocab}) of the model; got {mask_id}")
+    genmd4 = isinstance(schedule, GenMD4Schedule)
+    if genmd4 and isinstance(vocab, int) and schedule.vocab_size != vocab:
+        raise ValueError(f"schedule.vocab_size must equal the model's vocabulary {vocab}; got {schedule.vocab_size}")
     if device is None:
         device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
+    cache = cache and not getattr(model, "time_conditioning", False)  # a time-conditioned net: always recompute
     start = time.perf_counter()
     x = torch.full(shape, mask_id, dtype=torch.long, device=device)
     logp, stale, n_rows = None, torch.ones(shape[0], dtype=torch.bool, device=device), 0
@@ -520,7 +647,8 @@ def sample(
         masked = x == mask_id
         need = (stale | ~torch.tensor(cache, device=device)) & masked.any(1)
         if need.any():
-            out = model(x[need], t.to(device).float().expand(int(need.sum())))  # (b, L, m)
+            t_in = (schedule.rescale(t.view(1)) if genmd4 else t).to(device).float().expand(int(need.sum()))
+            out = model(x[need], t_in)  # (b, L, m)
             if logp is None and mask_id < out.shape[-1]:  # a real token id: sampled tokens would read as masks
                 raise ValueError(f"mask_id must be outside the vocabulary [0, {out.shape[-1]}) the model predicts; "
                                  f"got {mask_id}")
@@ -528,9 +656,7 @@ def sample(
                 logp = torch.zeros(*shape, out.shape[-1], dtype=gumbel_dtype, device=device)
             logp[need] = F.log_softmax(out.to(gumbel_dtype), -1)
             n_rows += int(need.sum())
-        a_t, a_s = schedule.alpha(t.view(1)), (schedule.alpha(s.view(1)) if i > 1 else torch.ones(1, dtype=t.dtype))
-        p_unmask = ((a_s - a_t) / (1 - a_t)).clamp(0, 1).to(gumbel_dtype).to(device)
-        scores = torch.cat([logp + p_unmask.log(), (1 - p_unmask).log().expand(*shape, 1)], -1)  # (B, L, m + 1)
+        scores = _step_scores(schedule, logp, t, s)  # (B, L, m + 1)
         u = torch.rand(scores.shape, generator=generator, device=device, dtype=gumbel_dtype)
         u = u.clamp_min(torch.finfo(gumbel_dtype).tiny)
         choice = (scores - torch.log(-torch.log(u))).argmax(-1)  # m = stay masked
