@@ -17,19 +17,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import (check_binary_labels, check_float, check_int, check_k, check_positive, check_strings,
-                           check_tensor)
+from .checks import (check_binary_labels, check_choice, check_float, check_int, check_k, check_positive,
+                           check_strings, check_tensor)
 from .core import data_dir, progress
 from .metrics import auroc
 from .models import adapter, capture_residual, token_logprobs
 
 # %% auto 0
-__all__ = ['PROMPT', 'QUESTION', 'ANSWER_PREFIX', 'ANSWER_END', 'EMBEDDING_POSITIONS', 'BASELINES', 'CORRECT', 'WRONG',
-           'NO_ANSWER', 'format_prompt', 'Generations', 'generate_answers', 'top_subspace', 'project_scores',
-           'membership_scores', 'raw_projection_scores', 'TruthClassifier', 'train_classifier', 'select_subspace',
-           'HaloScope', 'answer_nll', 'perplexity_score', 'ln_entropy_score', 'rouge_l', 'lexical_similarity_score',
-           'oracle_scores', 'probe_scores', 'load_city_qa', 'load_country_names', 'normalize_answer', 'alias_match',
-           'names_in', 'three_way_labels', 'truth_labels', 'stratified_split']
+__all__ = ['PROMPT', 'QUESTION', 'ANSWER_PREFIX', 'ANSWER_END', 'FREE_FORM_END', 'EMBEDDING_POSITIONS', 'BASELINES', 'CORRECT',
+           'WRONG', 'NO_ANSWER', 'NOT_COUNTRIES', 'format_prompt', 'Generations', 'generate_answers', 'top_subspace',
+           'project_scores', 'membership_scores', 'raw_projection_scores', 'TruthClassifier', 'train_classifier',
+           'select_subspace', 'HaloScope', 'answer_nll', 'perplexity_score', 'ln_entropy_score', 'rouge_l',
+           'lexical_similarity_score', 'oracle_scores', 'probe_scores', 'load_city_qa', 'load_country_names',
+           'normalize_answer', 'alias_match', 'matched_names', 'names_in', 'three_way_labels', 'truth_labels',
+           'stratified_split', 'grouped_split']
 
 # %% ../nbs/12_haloscope.ipynb
 PROMPT = "Answer the question concisely. Q: {question} A:"
@@ -59,6 +60,7 @@ def format_prompt(
 
 # %% ../nbs/12_haloscope.ipynb
 ANSWER_END = re.compile(r"(\w\w[.!?,;:]|\n)\s*$")  # "Nigeria." or "Africa," ends a bare answer; "U.S." does not
+FREE_FORM_END = re.compile(r"\n\s*$")  # a free-form answer (full scale) ends at a newline or the end token only
 EMBEDDING_POSITIONS = {"last": "last answer token", "eos": "end token appended", "mean": "mean over answer tokens"}
 
 
@@ -121,6 +123,7 @@ def generate_answers(
     batch_size: int = 16,  # Prompts per prefill (each carries 1 + len(seeds) * n_samples continuations)
     layers=None,  # Hidden-state layers to keep, indices in [0, n_layers]; default all
     desc: str = "generate",  # Progress-bar label
+    stop: re.Pattern = ANSWER_END,  # An answer ends when its text matches this (or at the end token)
 ) -> Generations:
     "Greedy answers (stopped at the first clause end), their hidden states and seeded samples, sharing one prefill."
     prompts = check_strings(prompts, "prompts")
@@ -167,7 +170,7 @@ def generate_answers(
                 elif not done[j, k]:
                     toks[i0 + j][k].append(t)
                     nlls[i0 + j][k].append(-float(logp[i, t]))
-                    if ANSWER_END.search(tokenizer.decode(toks[i0 + j][k])):
+                    if stop.search(tokenizer.decode(toks[i0 + j][k])):
                         done[j, k] = True
                     elif len(toks[i0 + j][k]) >= max_new_tokens:
                         done[j, k] = trunc[i0 + j, k] = True
@@ -213,15 +216,18 @@ def _embeddings(emb, name: str = "emb", ndim: int = 2) -> torch.Tensor:
 def top_subspace(
     emb,  # (N, d) embeddings
     k: int,  # Number of singular directions, 1 <= k <= min(N, d)
+    flip: str = "u",  # Sign rule: "u" makes each left vector's largest entry positive (scikit-learn <= 1.4's PCA, the
+                      # official code's environment), "v" each right vector's (scikit-learn >= 1.5's PCA)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean (d,), s (k,), V (k, d)
-    "Mean, top-`k` singular values and right singular vectors of the centred embeddings (eq. 1), signs as sklearn's."
+    "Mean, top-`k` singular values and right singular vectors of the centred embeddings (eq. 1), signs by `flip`."
     f = _embeddings(emb)
     k = check_k(k, min(f.shape), "k")
+    flip = check_choice(flip, "flip", ("u", "v"))
     mu = f.mean(0)
-    _, s, vh = torch.linalg.svd(f - mu, full_matrices=False)  # Eq. 1; vh: (min(N, d), d)
-    v = vh[:k]
-    v = v * torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))  # largest entry positive, like sklearn's svd_flip
-    return mu, s[:k], v
+    u, s, vh = torch.linalg.svd(f - mu, full_matrices=False)  # Eq. 1; vh: (min(N, d), d)
+    basis = u[:, :k].T if flip == "u" else vh[:k]  # (k, N) or (k, d): the vectors whose largest entry decides
+    sign = torch.sign(basis.gather(1, basis.abs().argmax(1, keepdim=True)))  # svd_flip of scikit-learn
+    return mu, s[:k], vh[:k] * torch.where(sign == 0, 1.0, sign).to(vh.dtype)
 
 
 def project_scores(
@@ -255,9 +261,10 @@ def raw_projection_scores(
     emb,  # (N, d) embeddings of the wild answers
     k: int,  # Number of principal directions, 1 <= k <= min(N, d)
     weighted: bool = True,  # Weight direction j by its singular value s_j
+    flip: str = "u",  # Sign rule of the directions (`top_subspace`); the score depends on it
 ) -> torch.Tensor:  # (N,) float64 scores
     "The official code's score |(1/k) sum_j s_j <f_i, v_j>| (eq. 2'): PCA directions of the centred data, raw features."
-    return project_scores(emb, *top_subspace(emb, k), weighted=weighted, raw=True)
+    return project_scores(emb, *top_subspace(emb, k, flip), weighted=weighted, raw=True)
 
 # %% ../nbs/12_haloscope.ipynb
 class TruthClassifier(nn.Module):
@@ -634,13 +641,16 @@ def alias_match(
 
 # %% ../nbs/12_haloscope.ipynb
 CORRECT, WRONG, NO_ANSWER = 1, 0, -1
+# places whose names contain a country's name but that are not that country: they name no country
+NOT_COUNTRIES = ("South America", "North America", "Central America", "Latin America", "New Guinea", "New Mexico",
+                 "American Samoa")
 
 
 def _name_table(names: dict[str, list[str]]) -> dict[tuple, set]:
-    "Normalised name (as a word tuple) -> the entities it names ('congo': both Congos)."
+    "Normalised name (as a word tuple) -> the entities it names ('congo': both Congos; 'south america': none)."
     if not isinstance(names, dict) or not names:
         raise TypeError("names must be a non-empty dict of entity id -> list of names")
-    table: dict[tuple, set] = {}
+    table: dict[tuple, set] = {tuple(normalize_answer(p).split()): set() for p in NOT_COUNTRIES}
     for e, aliases in names.items():
         for a in aliases:
             if normalize_answer(a):
@@ -648,15 +658,27 @@ def _name_table(names: dict[str, list[str]]) -> dict[tuple, set]:
     return dict(sorted(table.items(), key=lambda kv: -len(kv[0])))  # longest names first
 
 
-def _named(answer: str, table: dict[tuple, set]) -> set[str]:
+def _matches(answer: str, table: dict[tuple, set]) -> list[tuple[str, set]]:
     words = normalize_answer(answer).split()
-    taken, found = [False] * len(words), set()
+    taken, found = [False] * len(words), []
     for alias, ents in table.items():
         for i in range(len(words) - len(alias) + 1):
             if tuple(words[i:i + len(alias)]) == alias and not any(taken[i:i + len(alias)]):
-                found |= ents
+                found.append((" ".join(alias), ents))
                 taken[i:i + len(alias)] = [True] * len(alias)
     return found
+
+
+def _named(answer: str, table: dict[tuple, set]) -> set[str]:
+    return set().union(*(ents for _, ents in _matches(answer, table)))
+
+
+def matched_names(
+    answer: str,  # A generated answer
+    names: dict[str, list[str]],  # Entity id -> accepted names
+) -> list[tuple[str, set]]:  # (normalised name, the ids it names) per stretch matched; a region phrase names none
+    "The names `names_in` finds in `answer`, each with the entities it may mean (two or more: a shared name)."
+    return _matches(answer, _name_table(names))
 
 
 def names_in(
@@ -724,3 +746,27 @@ def stratified_split(
     keys = np.concatenate([(np.arange(len(ix)) + rng.random(len(ix))) / max(len(ix), 1) for ix in by_class])
     order = np.concatenate(by_class)[np.argsort(keys, kind="stable")]
     return dict(test=order[:n_test], val=order[n_test:n_test + n_val], wild=order[n_test + n_val:])
+
+
+def grouped_split(
+    groups,  # (N,) group of each item (e.g. the country asked about); a group never spans two parts
+    seed: int,  # Seeds the split
+    test_fraction: float = 0.25,  # Least share of the test part
+    n_val: int = 100,  # Least size of the labelled validation part
+) -> dict[str, np.ndarray]:  # {"test", "val", "wild"}: disjoint index arrays covering range(N)
+    "Test / validation / wild split by whole groups, in a seeded random order of the groups."
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) == 0:
+        raise ValueError(f"groups must be a non-empty 1-d sequence; got shape {groups.shape}")
+    n_test = math.ceil(check_float(test_fraction, "test_fraction", 0, 1, low_open=True, high_open=True) * len(groups))
+    n_val = check_int(n_val, "n_val", 0)
+    names, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in np.random.default_rng(seed).permutation(len(names))]
+    parts, sizes = {"test": [], "val": [], "wild": []}, np.cumsum([len(m) for m in members])
+    for m, upto in zip(members, sizes):
+        part = "test" if upto - len(m) < n_test else "val" if upto - len(m) < n_test + n_val else "wild"
+        parts[part].append(m)
+    out = {k: np.sort(np.concatenate(v)) if v else np.zeros(0, dtype=np.int64) for k, v in parts.items()}
+    if not len(out["wild"]) or (n_val and not len(out["val"])):
+        raise ValueError(f"n_val must leave wild data after {n_test} test and {n_val} validation items of whole groups")
+    return out

@@ -4,13 +4,15 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
+from sklearn.utils.extmath import svd_flip
 
-from mdxlib.haloscope import (ANSWER_PREFIX, BASELINES, CORRECT, NO_ANSWER, PROMPT, QUESTION, WRONG, HaloScope,
-                              alias_match, answer_nll, format_prompt, generate_answers, lexical_similarity_score,
-                              ln_entropy_score, load_city_qa, load_country_names, membership_scores, names_in,
-                              normalize_answer, oracle_scores, perplexity_score, probe_scores, project_scores,
-                              raw_projection_scores, rouge_l, select_subspace, stratified_split, three_way_labels,
-                              top_subspace, train_classifier, truth_labels)
+from mdxlib.haloscope import (ANSWER_END, ANSWER_PREFIX, BASELINES, CORRECT, FREE_FORM_END, NO_ANSWER, PROMPT,
+                              QUESTION, WRONG, HaloScope, alias_match, answer_nll, format_prompt, generate_answers,
+                              grouped_split, lexical_similarity_score, ln_entropy_score, load_city_qa,
+                              load_country_names, matched_names, membership_scores, names_in, normalize_answer,
+                              oracle_scores, perplexity_score, probe_scores, project_scores, raw_projection_scores,
+                              rouge_l, select_subspace, stratified_split, three_way_labels, top_subspace,
+                              train_classifier, truth_labels)
 from mdxlib.models import ModelNotAvailableError, last_token_hidden, load_lm, tiny_lm
 
 
@@ -44,13 +46,13 @@ def test_membership_known_values():
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_official_variant_matches_sklearn_pca(k):
     x = torch.randn(80, 12, generator=torch.Generator().manual_seed(k), dtype=torch.float64) * torch.arange(1, 13) + 4
-    pca = PCA(n_components=k, svd_solver="full").fit(x.numpy())
-    mu, s, v = top_subspace(x, k)
+    pca = PCA(n_components=k, svd_solver="full").fit(x.numpy())  # scikit-learn >= 1.5: signs from V
+    mu, s, v = top_subspace(x, k, flip="v")
     np.testing.assert_allclose(mu.numpy(), pca.mean_, atol=1e-10)
     np.testing.assert_allclose(s.numpy(), pca.singular_values_, rtol=1e-10)
     np.testing.assert_allclose(v.numpy(), pca.components_, atol=1e-10)  # same directions and signs
     official = np.abs(np.mean(x.numpy() @ (pca.components_.T * pca.singular_values_), axis=1))  # raw features
-    np.testing.assert_allclose(raw_projection_scores(x, k).numpy(), official, rtol=1e-9)
+    np.testing.assert_allclose(raw_projection_scores(x, k, flip="v").numpy(), official, rtol=1e-9)
     new = x[:7] * 0.5
     np.testing.assert_allclose(project_scores(new, mu, s, v, raw=True).numpy(),
                                np.abs(np.mean(new.numpy() @ (pca.components_.T * pca.singular_values_), axis=1)),
@@ -58,6 +60,27 @@ def test_official_variant_matches_sklearn_pca(k):
     # eq. 2 is the singular-value-weighted mean of squared PCA coordinates (which sklearn centres)
     np.testing.assert_allclose(membership_scores(x, k).numpy(),
                                np.mean(pca.transform(x.numpy()) ** 2 * pca.singular_values_, axis=1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_official_variant_follows_u_based_sign_rule(seed):
+    "The official environment (scikit-learn 1.0.1) flips PCA signs by U: svd_flip(u_based_decision=True)."
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(300, 40)) * np.linspace(3, 1, 40) + rng.normal(size=40)
+    U, S, Vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    _, v_u = svd_flip(U.copy(), Vt.copy(), u_based_decision=True)
+    _, v_v = svd_flip(U.copy(), Vt.copy(), u_based_decision=False)
+    k = 3
+    mu, s, v = top_subspace(torch.tensor(x), k)  # default: the official, U-based rule
+    np.testing.assert_allclose(v.numpy(), v_u[:k], atol=1e-10)
+    np.testing.assert_allclose(top_subspace(torch.tensor(x), k, flip="v")[2].numpy(), v_v[:k], atol=1e-10)
+    official = np.abs(np.mean(x @ (v_u[:k].T * S[:k]), axis=1))
+    np.testing.assert_allclose(raw_projection_scores(torch.tensor(x), k).numpy(), official, rtol=1e-9)
+    # eq. 2 does not depend on the rule
+    torch.testing.assert_close(membership_scores(torch.tensor(x), k),
+                               project_scores(torch.tensor(x), *top_subspace(torch.tensor(x), k, flip="v")))
+    with pytest.raises(ValueError, match="flip"):
+        top_subspace(torch.tensor(x), k, flip="w")
 
 
 def test_membership_planted_direction():
@@ -336,7 +359,11 @@ def test_smollm2_answers_are_complete_bare_country_names():
 
 def test_city_qa():
     qa, names = load_city_qa(), load_country_names()
-    assert len(qa) == 1106 and len({r["id"] for r in qa}) == 1106 and len({r["iso"] for r in qa}) == 190
+    assert len(qa) == 1078 and len({r["id"] for r in qa}) == 1078 and len({r["iso"] for r in qa}) == 189
+    cities = [(r["iso"], normalize_answer(r["city"])) for r in qa]
+    assert len(set(cities)) == len(cities)  # no city twice ("La Ceiba")
+    contested = {"Jerusalem", "West Jerusalem", "Sokhumi", "Tiraspol", "Donetsk", "Hargeysa", "Nicosia"}
+    assert not (contested | {"Pest", "Buda", "South Dublin", "East Helsinki"}) & {r["city"] for r in qa}
     assert all(r["iso"] in names and r["country"] in names[r["iso"]] for r in qa)
     assert {"Osaka", "Mumbai", "Toronto"} <= {r["city"] for r in qa}
     assert not {"Mexico City", "Singapore", "Birmingham"} & {r["city"] for r in qa}
@@ -351,6 +378,18 @@ def test_three_way_labels():
                                                                  CORRECT, CORRECT, CORRECT]
     assert names_in("Papua New Guinea and Guinea", names) == {"PG", "GN"}
     assert names_in("Côte d'Ivoire", {"CI": ["Cote d'Ivoire"]}) == {"CI"}
+    # region phrases name no country, even where a country's name is inside them
+    regions = {"US": ["United States", "America", "US"], "PG": ["Papua New Guinea"], "GN": ["Guinea"],
+               "MX": ["Mexico"], "WS": ["Samoa"]}
+    for region in ("South America.", "North America", "Central America", "Latin America", "New Guinea", "New Mexico",
+                   "American Samoa"):
+        assert names_in(region, regions) == set(), region
+        assert three_way_labels([region], ["US"], regions).tolist() == [NO_ANSWER]
+    assert names_in("Papua New Guinea", regions) == {"PG"} and names_in("America.", regions) == {"US"}
+    real = load_country_names()
+    assert names_in("the US.", real) == names_in("US", real) == names_in("USA", real) == {"US"}
+    assert matched_names("the Congo", real) == [("congo", {"CD", "CG"})]  # a shared name: two countries
+    assert matched_names("Nigeria.", real) == [("nigeria", {"NG"})] and matched_names("Europe", real) == []
     with pytest.raises(ValueError, match="truth"):
         three_way_labels(["Niger"], ["NG", "NE"], names)
     with pytest.raises(ValueError, match="truth"):
@@ -378,6 +417,26 @@ def test_truth_labeller():
         alias_match("x", "x")
     with pytest.raises(TypeError, match="text"):
         normalize_answer(None)
+
+
+def test_grouped_split():
+    groups = np.repeat(np.array(list("abcdefghijklmnopqrst")), 8)  # 20 groups of 8
+    parts = grouped_split(groups, seed=1, n_val=30)
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(160))
+    assert len(parts["test"]) >= 40 and len(parts["val"]) >= 30 and len(parts["wild"]) > 0
+    seen = [set(groups[parts[k]]) for k in ("test", "val", "wild")]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert all(np.array_equal(parts[k], grouped_split(groups, seed=1, n_val=30)[k]) for k in parts)
+    assert not np.array_equal(parts["test"], grouped_split(groups, seed=2, n_val=30)["test"])
+    with pytest.raises(ValueError, match="n_val"):
+        grouped_split(groups, seed=0, n_val=150)
+    with pytest.raises(ValueError, match="groups"):
+        grouped_split([], seed=0)
+
+
+def test_stop_rules():
+    assert ANSWER_END.search("Nigeria.") and ANSWER_END.search("Africa,") and not ANSWER_END.search("the U.S")
+    assert FREE_FORM_END.search("Paris is in France.\n") and not FREE_FORM_END.search("Paris, France,")
 
 
 def test_stratified_split():
