@@ -334,6 +334,8 @@ class LTEHistory(History):
     eff: list[float] = field(default_factory=list)  # L_eff (stage 1, sigmoid routers)
     sep: list[float] = field(default_factory=list)  # L_sep (stage 1, sigmoid routers)
     below_tau: list[float] = field(default_factory=list)  # share of G <= tau: the sparsity hard routing would give
+    lam: list[float] = field(default_factory=list)  # the weight of L_sep at each step (after the ramp)
+    same_side: list[float] = field(default_factory=list)  # share of probe scores on the side of tau they started on
 
 
 def _fit(model, data, steps, lr, router_lr, batch_size, seq_len, params, train_routers, extra, eval_fn, seed,
@@ -347,7 +349,7 @@ def _fit(model, data, steps, lr, router_lr, batch_size, seq_len, params, train_r
     router_ids = {id(p) for p in routers}
     weights = [p for p in (model.parameters() if params is None else params)
                if id(p) not in router_ids and p.requires_grad]
-    terms = {k: [] for k in ("task", "eff", "sep", "below_tau")}
+    terms = {k: [] for k in ("task", "eff", "sep", "below_tau", "lam", "same_side")}
 
     def loss_fn(model, batch):
         loss = _task_loss(model, batch)
@@ -382,6 +384,8 @@ def train_lte(
     batch_size: int = 8,  # Windows per batch when `data` is a token tensor
     seq_len: int = 128,  # Tokens per window when `data` is a token tensor
     lam_warmup: float = 0.0,  # Fraction of the steps over which lam rises linearly from 0 (0: constant, as the paper)
+    lam_start: float = 0.0,  # Fraction of the steps with lam = 0 before the ramp starts (0: from the first step)
+    probe: Mapping[int, torch.Tensor] | None = None,  # layer -> fixed router inputs (n, d): logs `same_side` per step
     params: Iterable[nn.Parameter] | None = None,  # Model weights to train (routers are added in stage 1); default all
     eval_fn: Callable | None = None,  # Passed to `train`
     seed: int = 0,  # Seeds the run
@@ -391,6 +395,7 @@ def train_lte(
     check_choice(stage, "stage", (1, 2))
     eta, lam = check_float(eta, "eta", 0), check_float(lam, "lam", 0)
     lam_warmup = check_float(lam_warmup, "lam_warmup", 0, 1)
+    lam_start = check_float(lam_start, "lam_start", 0, 1)
     steps = check_positive(steps, "steps")
     layers = lte_layers(model)
     if not layers:
@@ -404,13 +409,27 @@ def train_lte(
             m.mode = "soft" if stage == 1 else "hard"
         m.sparse = False
     sigmoid = [m for m in layers.values() if m.router_kind == "sigmoid"]
+    probe = {} if probe is None else {i: check_tensor(x, f"probe[{i}]", ndim=2, kind="float") for i, x in probe.items()}
+    if set(probe) - set(layers):
+        raise ValueError(f"probe: keys must be LTE layers {sorted(layers)}; got {sorted(probe)}")
 
-    def extra(model, terms):  # Eq. 3's regularisers, lam ramped over the first lam_warmup of the steps
+    def sides():  # layer -> (n, N) bool: probe scores above tau
+        with torch.no_grad():
+            return {i: layers[i].scores(x.to(layers[i].router.weight)) > layers[i].tau for i, x in probe.items()}
+
+    start_sides = sides()
+
+    def extra(model, terms):  # Eq. 3's regularisers; lam is 0 for lam_start of the steps, then ramps over lam_warmup
         l_eff, l_sep = lte_losses(model)
         below = torch.stack([(m.last_scores.detach() <= m.tau).float().mean() for m in sigmoid]).mean()
-        for k, v in (("eff", l_eff), ("sep", l_sep), ("below_tau", below)):
-            terms[k].append(v.item())
-        ramp = min(1.0, (len(terms["task"]) - 1) / (lam_warmup * steps)) if lam_warmup else 1.0
+        done = len(terms["task"]) - 1 - lam_start * steps  # steps taken since the ramp started (< 0: not yet)
+        ramp = 0.0 if done < 0 else min(1.0, done / (lam_warmup * steps)) if lam_warmup else 1.0
+        for k, v in (("eff", l_eff), ("sep", l_sep), ("below_tau", below), ("lam", lam * ramp)):
+            terms[k].append(v.item() if torch.is_tensor(v) else float(v))
+        if probe:
+            now = sides()
+            terms["same_side"].append(sum((now[i] == s).float().mean().item() for i, s in start_sides.items())
+                                      / len(now))
         return eta * l_eff + lam * ramp * l_sep
 
     return _fit(model, data, steps, lr, router_lr, batch_size, seq_len, params, stage == 1,

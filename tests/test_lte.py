@@ -184,6 +184,23 @@ def test_eta_drives_sparsity():
     assert sparsity[1] > sparsity[0] + 0.2, sparsity
 
 
+def test_lam_schedule_and_probe(stock):
+    "lam is 0 for the first lam_start of the steps, then ramps; the probe logs the share of scores on their start side."
+    model, _ = converted(stock, method="random")
+    probe = {i: torch.randn(32, m.router.in_features, generator=torch.Generator().manual_seed(i))
+             for i, m in lte_layers(model).items()}
+    h = train_lte(model, TOKENS, eta=1.0, lam=0.5, steps=8, lr=1e-3, router_lr=1e-2, batch_size=2, seq_len=16,
+                  lam_start=0.5, lam_warmup=0.25, probe=probe, show_progress=False)
+    assert h.lam == pytest.approx([0, 0, 0, 0, 0, 0.25, 0.5, 0.5])
+    assert len(h.same_side) == 8 and all(0 <= v <= 1 for v in h.same_side) and h.same_side[0] == 1.0
+    h = train_lte(model, TOKENS, steps=3, lam=0.5, batch_size=2, seq_len=16, show_progress=False)
+    assert h.lam == [0.5, 0.5, 0.5] and h.same_side == []  # the paper's constant lam; no probe, no same_side
+    with pytest.raises(ValueError, match="lam_start"):
+        train_lte(model, TOKENS, lam_start=1.5)
+    with pytest.raises(ValueError, match="probe"):
+        train_lte(model, TOKENS, probe={99: probe[next(iter(probe))]})
+
+
 def test_train_lte_bad_inputs(stock):
     model, _ = converted(stock, method="random")
     with pytest.raises(ValueError, match="stage must be"):
