@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path  # noqa: F401 (with AveragedModel: names in the annotations LTEHistory inherits)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel  # noqa: F401 (see Path)
 
 from .core import evaluating
 from .data import random_batches

@@ -455,3 +455,13 @@ def test_fit_predictors_needs_sigmoid_routers(stock):
     model, _ = converted(stock, method="random", router="softmax")
     with pytest.raises(ValueError, match="sigmoid routers"):
         fit_predictors(model, [IDS])
+
+
+def test_history_documents_itself():
+    "The docs build renders every exported class: LTEHistory's inherited annotations must resolve in its module."
+    import inspect
+
+    from mdxlib.lte import LTEHistory
+
+    params = inspect.signature(LTEHistory, eval_str=True).parameters
+    assert {"ema", "checkpoint", "below_tau", "same_side"} <= set(params)
