@@ -170,6 +170,8 @@ def _promote(stage: Path, base: Path, path: Path, digest: str, scale: str, seed:
         written.append(write_json(dest, data))
         if error is None:  # a complete run supersedes an earlier failure
             results_path(name, data["scale"], base, failed=True).unlink(missing_ok=True)
+    if error is None:  # also when the notebook logs nothing
+        results_path(path.stem, scale, base, failed=True).unlink(missing_ok=True)
     return written
 
 
@@ -362,7 +364,7 @@ PAPERS = [  # notebook, paper, one-line claim, the paper's headline, the metric 
     ("18_lte", "LTE: learn to be efficient, structured FFN sparsity",
      "Training routers with the model yields structured sparsity with a better quality trade-off "
      "and real latency cuts.",
-     "LLaMA-7B WikiText-103 PPL 5.95 at ~50% sparsity", "lte_stage2_eta1.0_ppl"),
+     "LLaMA-7B WikiText-103 PPL 5.95 at ~50% sparsity", "lte_stage2_eta0.5_ppl"),
     ("19_prefrank", "Preference learning algorithms do not learn preference rankings",
      "Preference-tuned models rank preferred completions first rarely (R < 60%), far below the idealized R*.",
      "Zephyr-7B-DPO R 0.42 (R* median 0.99)", "lm_R"),

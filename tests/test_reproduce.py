@@ -295,3 +295,14 @@ def test_tidy_outputs_keeps_the_last_state_of_progress_bars(tmp_path, monkeypatc
     text = "".join(o.get("text", "") for o in outs)
     assert run.ok and "loop: 100%" in text and "\r" not in text and "0%" not in text.replace("100%", "")
     assert "other" not in text  # other libraries' bars are widgets in a kernel: removed from executed copies
+
+
+def test_a_complete_run_clears_a_failure_even_without_results(tmp_path):
+    "A notebook that logs no Results: its failure flag goes once a run of it completes."
+    res = tmp_path / "res"
+    nb = _nb(tmp_path / "12_y.ipynb", "x = 1", "raise RuntimeError('boom')")
+    assert not run_notebook(nb, tmp_path / "out", scale="smoke", results=res).ok
+    assert read_json(results_path("12_y", "smoke", res, failed=True))["status"] == "failed"
+    _nb(nb, "x = 1")
+    assert run_notebook(nb, tmp_path / "out", scale="smoke", results=res).ok
+    assert not list((res / "smoke").iterdir())
