@@ -7,6 +7,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils.extmath import svd_flip
 
 from mdxlib.haloscope import (ANSWER_END, ANSWER_PREFIX, BASELINES, CORRECT, FREE_FORM_END, NO_ANSWER, PROMPT,
+                              Generations,
                               QUESTION, WRONG, HaloScope, alias_match, answer_nll, format_prompt, generate_answers,
                               grouped_split, lexical_similarity_score, ln_entropy_score, load_city_qa,
                               load_country_names, matched_names, membership_scores, names_in, normalize_answer,
@@ -250,7 +251,7 @@ def test_generation_batch_invariant_and_seeded(tiny):
     pr = prompts_for(tok)
     g1 = generate_answers(model, tok, pr, max_new_tokens=4, n_samples=2, seeds=(0, 1), batch_size=1)
     g2 = generate_answers(model, tok, pr, max_new_tokens=4, n_samples=2, seeds=(0, 1), batch_size=3)
-    assert g1.answers == g2.answers and g1.samples == g2.samples
+    assert isinstance(g1, Generations) and g1.answers == g2.answers and g1.samples == g2.samples
     for k in g1.emb:
         torch.testing.assert_close(g1.emb[k], g2.emb[k], atol=1e-4, rtol=1e-4)
     g3 = generate_answers(model, tok, pr, max_new_tokens=4, n_samples=2, seeds=(0, 1), batch_size=2)

@@ -205,3 +205,21 @@ def test_inplace_torch_path_runs_in_chunks(monkeypatch):
     (dref,) = torch.autograd.grad(ref.sum(), x)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(dx, dref)
+
+
+@pytest.mark.parametrize("N,V", [(1, 1), (5, 37), (9, 129)])
+def test_masked_ce_grad_torch_in_place_matches_autograd(N, V):
+    "The torch path written into the logits buffer itself: loss and w(softmax - onehot) as autograd gives them."
+    from mdxlib.kernels.md4 import masked_ce_grad_torch
+
+    g = torch.Generator().manual_seed(N * V)
+    logits = torch.randn(N, V, generator=g) * 3
+    target = torch.randint(0, V, (N,), generator=g)
+    weight = torch.rand(N, generator=g) * (torch.rand(N, generator=g) > 0.3)
+    ref = logits.clone().requires_grad_()
+    expected = weight * F.cross_entropy(ref, target, reduction="none")
+    expected.sum().backward()
+    buffer = logits.clone()
+    loss = masked_ce_grad_torch(buffer, target, weight, out=buffer)
+    torch.testing.assert_close(loss, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(buffer, ref.grad, atol=1e-6, rtol=1e-5)  # skipped rows (weight 0) hold zeros
