@@ -5,7 +5,6 @@
 # %% ../nbs/12_haloscope.ipynb 2
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -21,7 +20,7 @@ from .checks import (check_binary_labels, check_choice, check_float, check_int, 
                            check_strings, check_tensor)
 from .core import data_dir, progress
 from .metrics import auroc
-from .models import adapter, capture_residual, token_logprobs
+from .models import adapter, after_prefix, capture_residual, common_prefix, prefix_cache, token_logprobs
 
 # %% auto 0
 __all__ = ['PROMPT', 'QUESTION', 'ANSWER_PREFIX', 'ANSWER_END', 'FREE_FORM_END', 'EMBEDDING_POSITIONS', 'BASELINES', 'CORRECT',
@@ -77,38 +76,23 @@ class Generations:
     sample_truncated: np.ndarray  # (seeds, M, N) bool
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    "Length of the longest common prefix of token lists, leaving every list at least one token."
-    n = min(map(len, seqs)) - 1
-    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), max(n, 0))
-
-
 def _next_tokens(logits, groups, gens, temperature):
     "Argmax for every row, then a seeded draw for the rows of each (question, seed) group."
     nxt = logits.argmax(-1)
     for rows, g in zip(groups, gens):
         if rows:
-            probs = torch.softmax(logits[rows] / temperature, -1)  # (rows of the group, V)
-            nxt[rows] = torch.multinomial(probs, 1, generator=g)[:, 0]
+            probs = torch.softmax(logits[rows].cpu() / temperature, -1)  # (rows of the group, V), where g draws
+            nxt[rows] = torch.multinomial(probs, 1, generator=g)[:, 0].to(nxt.device)
     return nxt
 
 # %% ../nbs/12_haloscope.ipynb
 def _prefill(model, suffixes, pre_cache, n_pre, layers, pad_id):
     "Encode prompt suffixes after the shared prefix: cache, next-token logits, mask, positions, hidden states."
-    dev = next(model.parameters()).device
-    b, width = len(suffixes), max(map(len, suffixes))
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in suffixes], device=dev)  # (b, T) left-padded
-    pad = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=dev)  # (b, T)
-    mask = torch.cat([torch.ones(b, n_pre, dtype=pad.dtype, device=dev), pad], 1)  # (b, n_pre + T)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, n_pre:]  # positions count real tokens only
-    cache = None
-    if pre_cache is not None:
-        cache = copy.deepcopy(pre_cache)
-        cache.batch_repeat_interleave(b)
+    inputs = after_prefix(suffixes, n_pre, pre_cache, pad_id, device=next(model.parameters()).device)
     with capture_residual(model, layers) as rec:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        out = model(**inputs, use_cache=True)
         h = torch.stack([rec[l][:, -1] for l in layers]).float().cpu()  # (L, b, d) at the prompt's last token
-    return out.cache, out.logits[:, -1].float(), mask, pos[:, -1:], h
+    return out.cache, out.logits[:, -1].float(), inputs["attention_mask"], inputs["position_ids"][:, -1:], h
 
 # %% ../nbs/12_haloscope.ipynb
 @torch.no_grad()
@@ -141,9 +125,8 @@ def generate_answers(
     trunc = np.zeros((n, r), dtype=bool)
     emb = {k: torch.zeros(len(layers), n, a.d_model) for k in EMBEDDING_POSITIONS}
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    n_pre = _common_prefix(enc)  # the shared system turn and instruction are encoded once
-    pre_cache = (model(input_ids=torch.tensor([enc[0][:n_pre]], device=dev), use_cache=True).cache
-                 if n_pre else None)
+    n_pre = common_prefix(enc)  # the shared system turn and instruction are encoded once
+    pre_cache = prefix_cache(model, enc[0][:n_pre])
     for i0 in progress(range(0, n, batch_size), desc=desc):
         suffixes = [e[n_pre:] for e in enc[i0:i0 + batch_size]]
         b = len(suffixes)
@@ -158,18 +141,20 @@ def generate_answers(
         while alive:
             groups = [[i for i, x in enumerate(alive) if x // r == j and k0 <= x % r < k0 + n_samples]
                       for j, k0 in starts]
-            nxt, logp = _next_tokens(logits, groups, gens, temperature), torch.log_softmax(logits, -1)
+            nxt = _next_tokens(logits, groups, gens, temperature)
+            nll = (-torch.log_softmax(logits, -1).gather(1, nxt[:, None])[:, 0]).tolist()  # one device read per step
+            nxt = nxt.tolist()
             feed, keep = [], []
             for i, x in enumerate(alive):
                 j, k = divmod(x, r)
-                t = eos if done[j, k] else int(nxt[i])  # a finished greedy answer is followed by the end token
+                t = eos if done[j, k] else nxt[i]  # a finished greedy answer is followed by the end token
                 if not done[j, k] and t == eos:
                     done[j, k] = True
                     if not toks[i0 + j][k]:  # an empty answer: its NLL is that of stopping at once
-                        nlls[i0 + j][k].append(-float(logp[i, t]))
+                        nlls[i0 + j][k].append(nll[i])
                 elif not done[j, k]:
                     toks[i0 + j][k].append(t)
-                    nlls[i0 + j][k].append(-float(logp[i, t]))
+                    nlls[i0 + j][k].append(nll[i])
                     if stop.search(tokenizer.decode(toks[i0 + j][k])):
                         done[j, k] = True
                     elif len(toks[i0 + j][k]) >= max_new_tokens:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import json
@@ -33,8 +34,9 @@ __all__ = ['SHIPPED_LMS', 'CACHE_DIGEST', 'CHAT_TEMPLATE', 'TINY_CONFIGS', 'ADAP
            'byte_tokenizer', 'tiny_lm', 'MLPParts', 'weight_view', 'LMAdapter', 'LlamaAdapter', 'GPT2Adapter',
            'adapter', 'capture_residual', 'check_token_ids', 'hidden_states', 'residual_at', 'from_block',
            'last_token_index', 'last_token_hidden', 'encode_completions', 'padding_id', 'right_padded',
-           'batch_token_logprobs', 'token_logprobs', 'ffn_neurons', 'attention_heads', 'head_contributions',
-           'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder', 'load_image_encoder']
+           'batch_token_logprobs', 'token_logprobs', 'common_prefix', 'prefix_cache', 'after_prefix', 'ffn_neurons',
+           'attention_heads', 'head_contributions', 'SentenceEmbedder', 'load_sentence_embedder', 'ImageEncoder',
+           'load_image_encoder']
 
 # %% ../nbs/02_models.ipynb
 SHIPPED_LMS = {
@@ -829,6 +831,51 @@ def token_logprobs(
             for i, lp in zip(idx, batch_token_logprobs(model, [encoded[i] for i in idx], pad_id)):
                 out[i] = lp.cpu()
     return out
+
+# %% ../nbs/02_models.ipynb
+def common_prefix(
+    seqs: list[list[int]],  # Token id lists
+) -> int:  # The length of their longest common prefix, leaving every list at least one token
+    "How many leading tokens all `seqs` share (at most the shortest length minus one)."
+    if not seqs:
+        raise ValueError("seqs is empty")
+    n = min(map(len, seqs)) - 1
+    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), max(n, 0))
+
+
+def prefix_cache(
+    model: nn.Module,  # A causal LM
+    prefix: list[int],  # The shared prefix's token ids (may be empty)
+):  # The prefix's key/value cache, or None for an empty prefix
+    "Run the shared prefix once and keep its keys and values."
+    if not prefix:
+        return None
+    dev = next(model.parameters()).device
+    return model(input_ids=torch.tensor([prefix], device=dev), use_cache=True).cache
+
+
+def after_prefix(
+    suffixes: list[list[int]],  # Token ids that follow the shared prefix, one list per row
+    n_prefix: int,  # The prefix's length
+    cache,  # `prefix_cache(...)` of that prefix (None when n_prefix is 0); it is copied, never changed
+    pad_id: int,  # Token id used for the padding
+    device=None,  # Where the tensors go; default the CPU
+) -> dict:  # input_ids, attention_mask, position_ids (and cache) for `model(**..., use_cache=...)`
+    "Model inputs for suffixes after a cached prefix: left padding between prefix and suffix, masked and skipped."
+    if not suffixes or any(not s for s in suffixes):
+        raise ValueError("suffixes must be non-empty token lists")
+    if (cache is None) != (n_prefix == 0):
+        raise ValueError(f"cache must be given exactly when n_prefix > 0; got n_prefix={n_prefix}")
+    b, width = len(suffixes), max(map(len, suffixes))
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in suffixes], device=device)  # (b, T)
+    pad = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)  # (b, T)
+    mask = torch.cat([torch.ones(b, n_prefix, dtype=pad.dtype, device=device), pad], 1)  # (b, n_prefix + T)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, n_prefix:])
+    if cache is not None:
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(b)
+        inputs["cache"] = cache
+    return inputs
 
 # %% ../nbs/02_models.ipynb
 def _neuron_scales(scale, n_layers: int, width: int, name: str) -> dict[int, torch.Tensor]:

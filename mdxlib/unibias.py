@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import json
 from collections.abc import Sequence
@@ -20,7 +19,8 @@ from torch import nn
 
 from .checks import check_float, check_int, check_positive, check_probability, check_strings
 from .core import data_dir, evaluating
-from .models import adapter, attention_heads, capture_residual, ffn_neurons, head_contributions, padding_id
+from .models import (adapter, after_prefix, attention_heads, capture_residual, common_prefix, ffn_neurons,
+                           head_contributions, padding_id, prefix_cache)
 
 # %% auto 0
 __all__ = ['REVIEW_TEMPLATE', 'CONTENT_FREE', 'label_token_ids', 'load_sentiment_words', 'plain_prompt', 'chat_prompt',
@@ -173,16 +173,6 @@ def _encode(tokenizer, prompts) -> list[list[int]]:
     return ids
 
 
-def _common_prefix(ids: list[list[int]]) -> int:
-    "Length of the longest common prefix, leaving at least one token of each prompt to run."
-    n = min(len(p) for p in ids) - 1
-    first = ids[0]
-    for P in range(n):
-        if any(p[P] != first[P] for p in ids):
-            return P
-    return max(n, 0)
-
-
 @dataclass
 class AnswerStates:
     "What the model holds at the answer position (the last prompt token) of each prompt."
@@ -212,7 +202,7 @@ def answer_states(
     flat = sorted({i for row in label_ids for i in row})
     W = a.unembed_weight[flat]  # (n_ids, d): only the label rows are needed for the direct projections
     local = [[flat.index(i) for i in row] for row in label_ids]
-    P, pad = _common_prefix(ids), padding_id(tokenizer) if tokenizer is not None else 0
+    P, pad = common_prefix(ids), padding_id(tokenizer) if tokenizer is not None else 0
     dev = next(model.parameters()).device
     out = AnswerStates(torch.empty(0, len(label_ids)))
     probs, ffn = [], {L: [] for L in ffn_layers}
@@ -221,27 +211,10 @@ def answer_states(
         frec = stack.enter_context(ffn_neurons(model, record=True, layers=ffn_layers)) if ffn_layers else {}
         hrec = stack.enter_context(attention_heads(model, record=True, layers=head_layers)) if head_layers else {}
         rrec = stack.enter_context(capture_residual(model, layers=head_layers)) if head_layers else {}
-        prefix = None
-        if P > 0:  # the shared prefix (instruction, demonstrations) runs once; its keys and values are reused
-            from transformers import DynamicCache
-
-            prefix = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([ids[0][:P]], device=dev), cache=prefix, use_cache=True)
+        prefix = prefix_cache(model, ids[0][:P])  # the shared instruction and demonstrations run once
         for s in range(0, len(ids), batch_size):
-            rows = [p[P:] for p in ids[s:s + batch_size]]
-            B, S = len(rows), max(map(len, rows))
-            x = torch.full((B, S), pad, dtype=torch.long)
-            m = torch.zeros(B, S, dtype=torch.long)
-            for b, r in enumerate(rows):  # left padding between prefix and query: the answer position is the last
-                x[b, S - len(r):], m[b, S - len(r):] = torch.tensor(r), 1
-            pos = P + (m.cumsum(-1) - 1).clamp(min=0)  # (B, S) positions that skip the padding
-            kw = dict(input_ids=x.to(dev), position_ids=pos.to(dev), use_cache=prefix is not None, logits_to_keep=1)
-            if prefix is not None:
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(B)
-                kw.update(cache=cache, attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), m], 1).to(dev))
-            else:
-                kw.update(attention_mask=m.to(dev))
+            kw = after_prefix([p[P:] for p in ids[s:s + batch_size]], P, prefix, pad, device=dev)
+            kw.update(use_cache=prefix is not None, logits_to_keep=1)
             logits = model(**kw).logits[:, -1].float()  # (B, V)
             probs.append(_per_label_max(logits.log_softmax(-1), label_ids).exp().cpu())
             for L in ffn_layers:

@@ -692,3 +692,38 @@ def test_last_token_hidden_of_nothing_is_empty(tiny):
     assert last_token_hidden(m, []).shape == (3, 0, 64)
     assert last_token_hidden(m, [], tok, layers=[2]).shape == (1, 0, 64)
     assert last_token_hidden(m, torch.zeros(0, 4, dtype=torch.long)).shape == (3, 0, 64)
+
+
+from mdxlib.models import after_prefix, common_prefix, prefix_cache  # noqa: E402
+
+
+def test_common_prefix():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix([[7, 8], [7, 8]]) == 1  # every list keeps a token to run
+    assert common_prefix([[3], [4, 5]]) == 0
+    with pytest.raises(ValueError, match="seqs"):
+        common_prefix([])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_after_prefix_equals_whole_prompts(arch):
+    m, _ = tiny_lm(arch)
+    rows = [[5, 6, 7, 9, 10], [5, 6, 7, 11], [5, 6, 7, 12, 13, 14]]
+    P = common_prefix(rows)
+    with torch.no_grad():
+        pre = prefix_cache(m, rows[0][:P])
+        out = m(**after_prefix([r[P:] for r in rows], P, pre, pad_id=0), use_cache=True)
+        for r, got in zip(rows, out.logits[:, -1]):
+            torch.testing.assert_close(got, m(input_ids=torch.tensor([r])).logits[0, -1], atol=1e-5, rtol=1e-5)
+        again = m(**after_prefix([r[P:] for r in rows], P, pre, pad_id=0), use_cache=True)
+    torch.testing.assert_close(again.logits, out.logits)  # the prefix cache is copied, never extended
+    assert prefix_cache(m, []) is None
+    plain = after_prefix([[3], [4, 5]], 0, None, pad_id=0)
+    assert plain["attention_mask"].tolist() == [[0, 1], [1, 1]] and "cache" not in plain
+
+
+def test_after_prefix_rejects_bad_input():
+    with pytest.raises(ValueError, match="cache"):
+        after_prefix([[1]], 2, None, pad_id=0)
+    with pytest.raises(ValueError, match="suffixes"):
+        after_prefix([[1], []], 0, None, pad_id=0)

@@ -476,11 +476,7 @@ def sparse_ffn_cases(
                     x = seeded_randn((B, d), i, device, dtype)
 
                     def gathered():  # the indices computed inside the call, as a decoder must
-                        idx = active.any(0).repeat_interleave(expert_size).nonzero().squeeze(1)
-                        h = F.silu(F.linear(x, wg.index_select(0, idx))) * F.linear(x, wu.index_select(0, idx))
-                        if B > 1:
-                            h = h * active[:, active.any(0)].repeat_interleave(expert_size, dim=1).to(h.dtype)
-                        return h @ wd.index_select(0, idx)
+                        return _gathered(x, wg, wu, wd, active, expert_size, F.silu, None, None, active.any(0), B > 1)
 
                     k = int(active.any(0).sum()) * expert_size  # the union's neurons, as one contiguous block:
                     one_run = lambda: F.linear(F.silu(F.linear(x, wg[:k])) * F.linear(x, wu[:k]), wd[:k].T)

@@ -176,8 +176,8 @@ class MaskedCEFunction(torch.autograd.Function):
             loss, grad = masked_ce_fwd(logits, target, weight, with_grad, block_size, check, inplace)
         else:
             _check_ce_args(logits, target, weight, check)
-            grad = (logits if inplace else torch.empty_like(logits)) if with_grad else None
-            loss = masked_ce_grad_torch(logits, target, weight, grad if with_grad else torch.empty_like(logits))
+            # `masked_ce` comes here only to write a gradient in place: torch's other calls use `masked_ce_ref`
+            loss, grad = masked_ce_grad_torch(logits, target, weight, out=logits), logits
         if inplace and with_grad:
             torch.autograd.graph.increment_version(logits)  # any other node that saved these logits now fails loudly
         ctx.save_for_backward(grad if grad is not None else loss.new_empty(0))
